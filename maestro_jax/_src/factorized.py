@@ -1,0 +1,370 @@
+"""Factorized dense, convolution and attention layers as pure functions.
+
+A factorized layer is a dict ``{'a': A, 'b': B}`` plus an optional ``'bias'``.
+For a dense layer ``A`` is ``(d_in, r)`` and ``B`` is ``(r, d_out)`` so that the
+kernel is ``W = A @ B``. For a 2-D convolution ``A`` is a spatial kernel
+``(kh, kw, c_in, r)`` and ``B`` is the ``(r, c_out)`` matrix of a 1x1 conv. In
+both cases the rank axis is the last axis of ``A`` and the first axis of ``B``;
+component ``k`` is ``A[..., k]`` with ``B[k]``.
+
+Every apply takes a keep count: the number of leading components used. A Python
+int slices the factors (cheapest, shape-static); a traced int32 scalar masks the
+rank axis, so changing it never recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = dict[str, Any]
+KeepCount = int | Array | None
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def _layer(name: str | None) -> str:
+  return f"layer {name!r}" if name else "factorized layer"
+
+
+def capacity(params: Params) -> int:
+  """The physical size of the rank axis of a factorized layer."""
+  return params["a"].shape[-1]
+
+
+def _check_factors(params: Params, name: str | None) -> None:
+  if not hasattr(params, "keys") or "a" not in params or "b" not in params:
+    raise ValueError(f"{_layer(name)}: expected a dict with factors 'a' and 'b', got {type(params).__name__}")
+  a, b = params["a"], params["b"]
+  if b.ndim != 2 or a.shape[-1] != b.shape[0]:
+    raise ValueError(
+        f"{_layer(name)}: factor shapes {tuple(a.shape)} and {tuple(b.shape)} do not share a rank axis "
+        "(need A[..., r] and B[r, d_out])")
+
+
+def _check_keep(keep: KeepCount, cap: int, name: str | None) -> KeepCount:
+  """Validates a keep count: static ints are range-checked, traced ones must be integer scalars."""
+  if keep is None:
+    return cap
+  if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool):
+    keep = int(keep)
+    if not 0 <= keep <= cap:
+      raise ValueError(f"{_layer(name)}: keep count {keep} is out of range; need 0 <= keep <= capacity {cap}")
+    return keep
+  keep = jnp.asarray(keep)
+  if keep.ndim != 0 or not jnp.issubdtype(keep.dtype, jnp.integer):
+    raise ValueError(f"{_layer(name)}: keep count must be an integer scalar, got shape {keep.shape} "
+                     f"dtype {keep.dtype}")
+  return keep
+
+
+def _rank_mask(keep: Array, cap: int, ndim: int, dtype) -> Array:
+  """A 0/1 mask over the last axis of an ``ndim``-D array, with explicit leading ones (no rank promotion)."""
+  mask = (jnp.arange(cap) < keep).astype(dtype)
+  return mask.reshape((1,) * (ndim - 1) + (cap,))
+
+
+def _add_bias(y: Array, bias: Array | None) -> Array:
+  if bias is None:
+    return y
+  return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def _cast(dtype, *arrays):
+  if dtype is None:
+    dtype = jnp.result_type(*[x for x in arrays if x is not None])
+  return [None if x is None else jnp.asarray(x, dtype) for x in arrays]
+
+
+def truncate(params: Params, keep: int) -> Params:
+  """Returns the layer with only its first ``keep`` components (a static slice)."""
+  out = dict(params)
+  out["a"] = params["a"][..., :keep]
+  out["b"] = params["b"][:keep]
+  return out
+
+
+def _inner(params, x, keep, name, first_factor, precision):
+  """Shared apply: ``z = first_factor(x, A)``; mask or slice the rank axis; ``y = z @ B + bias``."""
+  cap = capacity(params)
+  keep = _check_keep(keep, cap, name)
+  if isinstance(keep, int):
+    if keep < cap:
+      params = truncate(params, keep)
+    mask = None
+  else:
+    mask = keep
+  a, b, bias = params["a"], params["b"], params.get("bias")
+  z = first_factor(x, a)
+  if mask is not None:
+    z = z * _rank_mask(mask, cap, z.ndim, z.dtype)
+  y = jnp.matmul(z, b, precision=precision)
+  return _add_bias(y, bias)
+
+
+def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, precision=None,
+          name: str | None = None) -> Array:
+  """Applies a factorized dense layer, ``y = ((x @ A) * mask) @ B + bias``.
+
+  Args:
+    params: ``{'a': (d_in, r), 'b': (r, d_out), 'bias'?: (d_out,)}``.
+    x: input of shape ``(..., d_in)``, any number of leading batch dimensions.
+    keep: components to keep, ``0 <= keep <= r``; ``None`` keeps all. A Python
+      int slices the factors, a traced int32 scalar masks them.
+    dtype: compute dtype (inputs and parameters are cast to it); by default the
+      promoted dtype of inputs and parameters.
+    precision: passed to the matmuls.
+    name: layer name used in error messages.
+
+  Returns:
+    ``(..., d_out)``. With ``keep = 0`` every row equals the bias.
+  """
+  _check_factors(params, name)
+  if params["a"].ndim != 2:
+    raise ValueError(f"{_layer(name)}: dense factor A must be 2-D (d_in, r), got shape {params['a'].shape}")
+  d_in = params["a"].shape[0]
+  if x.ndim < 1 or x.shape[-1] != d_in:
+    raise ValueError(f"{_layer(name)}: input has {x.shape[-1] if x.ndim else 'no'} features, expected {d_in}")
+  x, a, b, bias = _cast(dtype, x, params["a"], params["b"], params.get("bias"))
+  cast = {"a": a, "b": b, "bias": bias}
+  return _inner(cast, x, keep, name, lambda x, a: jnp.matmul(x, a, precision=precision), precision)
+
+
+def _pairs(value, n: int, what: str, name: str | None) -> tuple[int, ...]:
+  if isinstance(value, int):
+    return (value,) * n
+  value = tuple(int(v) for v in value)
+  if len(value) != n:
+    raise ValueError(f"{_layer(name)}: {what} must be an int or {n} ints, got {value}")
+  return value
+
+
+def _padding(padding: Padding, name: str | None):
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"{_layer(name)}: padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+    return padding.upper()
+  if isinstance(padding, int):
+    return ((padding, padding),) * 2
+  pads = []
+  for p in padding:
+    pads.append((p, p) if isinstance(p, int) else tuple(p))
+  if len(pads) != 2:
+    raise ValueError(f"{_layer(name)}: explicit padding needs 2 spatial entries, got {padding!r}")
+  return tuple(pads)
+
+
+def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Sequence[int] = 1,
+         padding: Padding = "SAME", dilation: int | Sequence[int] = 1, dtype=None, precision=None,
+         name: str | None = None) -> Array:
+  """Applies a factorized 2-D convolution (NHWC).
+
+  ``A`` is a ``kh x kw`` convolution ``c_in -> r`` that carries strides, padding
+  and dilation; ``B`` is a 1x1 convolution ``r -> c_out`` that carries the bias.
+
+  Args:
+    params: ``{'a': (kh, kw, c_in, r), 'b': (r, c_out), 'bias'?: (c_out,)}``.
+    x: ``(..., H, W, c_in)``; leading dimensions are flattened into one batch.
+    keep: components to keep (see :func:`dense`).
+    strides: int or pair.
+    padding: ``'SAME'``, ``'VALID'``, an int, or pairs ``((lo, hi), (lo, hi))``.
+    dilation: kernel dilation, int or pair.
+    dtype: compute dtype.
+    precision: passed to the convolution and matmul.
+    name: layer name used in error messages.
+
+  Returns:
+    ``(..., H', W', c_out)``.
+  """
+  _check_factors(params, name)
+  if params["a"].ndim != 4:
+    raise ValueError(f"{_layer(name)}: conv factor A must be 4-D (kh, kw, c_in, r), got shape {params['a'].shape}")
+  c_in = params["a"].shape[2]
+  if x.ndim < 3 or x.shape[-1] != c_in:
+    raise ValueError(f"{_layer(name)}: input of shape {x.shape} does not have {c_in} channels last "
+                     "(need (..., H, W, c_in))")
+  strides = _pairs(strides, 2, "strides", name)
+  dilation = _pairs(dilation, 2, "dilation", name)
+  pad = _padding(padding, name)
+  x, a, b, bias = _cast(dtype, x, params["a"], params["b"], params.get("bias"))
+  batch_shape = x.shape[:-3]
+
+  def spatial(x, a):
+    x4 = x.reshape((-1,) + x.shape[-3:])
+    z = jax.lax.conv_general_dilated(x4, a, strides, pad, rhs_dilation=dilation,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return z.reshape(batch_shape + z.shape[1:])
+
+  return _inner({"a": a, "b": b, "bias": bias}, x, keep, name, spatial, precision)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
+                          precision=None) -> Array:
+  """Softmax attention over heads: ``(..., q_len, H, D)``, ``(..., kv_len, H, D)`` -> ``(..., q_len, H, D)``.
+
+  ``mask`` is boolean, broadcastable to ``(..., H, q_len, kv_len)``; False entries are not attended to.
+  """
+  depth = query.shape[-1]
+  query = query / jnp.asarray(math.sqrt(depth), query.dtype)
+  logits = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, logits.shape)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+  return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
+
+
+def split_heads(x: Array, num_heads: int, name: str | None = None) -> Array:
+  """``(..., L, H * D)`` -> ``(..., L, H, D)``."""
+  if x.shape[-1] % num_heads:
+    raise ValueError(f"{_layer(name)}: projection width {x.shape[-1]} is not divisible by num_heads={num_heads}")
+  return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads))
+
+
+def multi_head_attention(params: Params, inputs_q: Array, inputs_k: Array | None = None,
+                         inputs_v: Array | None = None, *, num_heads: int,
+                         keep: dict[str, KeepCount] | None = None, mask: Array | None = None, dtype=None,
+                         precision=None, name: str | None = None) -> Array:
+  """Multi-head dot-product attention with factorized Q, K, V and output projections.
+
+  Args:
+    params: ``{'query', 'key', 'value', 'out'}``, each a factorized dense layer;
+      ``query``/``key``/``value`` map features to ``num_heads * head_dim``,
+      ``out`` maps ``num_heads * head_dim`` to the output features.
+    inputs_q: ``(..., q_len, d)``.
+    inputs_k: ``(..., kv_len, d_k)``; defaults to ``inputs_q`` (self-attention).
+    inputs_v: ``(..., kv_len, d_v)``; defaults to ``inputs_k``.
+    num_heads: number of heads; must divide the projection width.
+    keep: optional keep count per projection name.
+    mask: boolean, broadcastable to ``(..., num_heads, q_len, kv_len)``.
+    dtype: compute dtype.
+    precision: passed to all matmuls.
+    name: layer name used in error messages.
+
+  Returns:
+    ``(..., q_len, d_out)``.
+  """
+  keep = keep or {}
+  inputs_k = inputs_q if inputs_k is None else inputs_k
+  inputs_v = inputs_k if inputs_v is None else inputs_v
+  missing = {"query", "key", "value", "out"} - set(params)
+  if missing:
+    raise ValueError(f"{_layer(name)}: attention params lack {sorted(missing)}")
+
+  def proj(which, x):
+    sub = f"{name}.{which}" if name else which
+    return dense(params[which], x, keep.get(which), dtype=dtype, precision=precision, name=sub)
+
+  q = split_heads(proj("query", inputs_q), num_heads, name)
+  k = split_heads(proj("key", inputs_k), num_heads, name)
+  v = split_heads(proj("value", inputs_v), num_heads, name)
+  out = dot_product_attention(q, k, v, mask, precision=precision)
+  return proj("out", out.reshape(out.shape[:-2] + (-1,)))
+
+
+# --------------------------------------------------------------------------- initialization
+
+
+def factorize_matrix(kernel: Array, rank: int | None = None, *, name: str | None = None) -> tuple[Array, Array]:
+  """Splits a matrix by thin SVD into ``A = P sqrt(S)``, ``B = sqrt(S) Q^T``.
+
+  With ``rank = min(d_in, d_out)`` (the default) ``A @ B`` equals the kernel up
+  to float rounding; a smaller rank gives the best rank-``rank`` approximation.
+  Components come out ordered by singular value.
+  """
+  if kernel.ndim != 2:
+    raise ValueError(f"{_layer(name)}: expected a 2-D kernel (d_in, d_out), got shape {kernel.shape}")
+  full = min(kernel.shape)
+  rank = full if rank is None else rank
+  if not 1 <= rank <= full:
+    raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
+  dtype = kernel.dtype
+  p, s, qt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+  root = jnp.sqrt(s[:rank])
+  a = p[:, :rank] * root.reshape(1, -1)
+  b = qt[:rank] * root.reshape(-1, 1)
+  return a.astype(dtype), b.astype(dtype)
+
+
+def factorize_kernel(kernel: Array, bias: Array | None = None, rank: int | None = None, *,
+                     name: str | None = None) -> Params:
+  """Factorized-layer params from a dense ``(d_in, d_out)`` or conv ``(kh, kw, c_in, c_out)`` kernel.
+
+  The function computed is unchanged at full rank (see :func:`factorize_matrix`).
+  """
+  if kernel.ndim == 2:
+    a, b = factorize_matrix(kernel, rank, name=name)
+  elif kernel.ndim == 4:
+    kh, kw, c_in, c_out = kernel.shape
+    a, b = factorize_matrix(kernel.reshape(kh * kw * c_in, c_out), rank, name=name)
+    a = a.reshape(kh, kw, c_in, a.shape[-1])
+  else:
+    raise ValueError(f"{_layer(name)}: kernel must be 2-D (dense) or 4-D (conv HWIO), got shape {kernel.shape}")
+  params = {"a": a, "b": b}
+  if bias is not None:
+    params["bias"] = bias
+  return params
+
+
+def full_rank(kernel_shape: Sequence[int]) -> int:
+  """``min(prod(kernel_shape[:-1]), kernel_shape[-1])``: the rank that loses nothing."""
+  return min(math.prod(kernel_shape[:-1]), kernel_shape[-1])
+
+
+def init(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, use_bias: bool = True,
+         method: str = "svd", kernel_init=None, bias_init=None, param_dtype=jnp.float32,
+         name: str | None = None) -> Params:
+  """Initializes a factorized layer for a dense ``(d_in, d_out)`` or conv ``(kh, kw, c_in, c_out)`` kernel.
+
+  Args:
+    key: PRNG key.
+    kernel_shape: shape of the equivalent dense kernel.
+    rank: capacity; defaults to :func:`full_rank`.
+    use_bias: whether to add a zero-initialized bias.
+    method: ``'svd'`` draws a dense kernel with ``kernel_init`` and splits it
+      by SVD (components ordered by singular value); ``'random'`` draws both
+      factors from LeCun-normal (fan-in) so ``A @ B`` has the dense variance.
+    kernel_init: initializer for the dense kernel (``'svd'``); LeCun normal by default.
+    bias_init: initializer for the bias; zeros by default.
+    param_dtype: parameter dtype.
+    name: layer name used in error messages.
+  """
+  kernel_shape = tuple(int(d) for d in kernel_shape)
+  if len(kernel_shape) not in (2, 4):
+    raise ValueError(f"{_layer(name)}: kernel shape must be 2-D or 4-D, got {kernel_shape}")
+  full = full_rank(kernel_shape)
+  rank = full if rank is None else int(rank)
+  if not 1 <= rank <= full:
+    raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
+  kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
+  bias_init = bias_init or jax.nn.initializers.zeros
+  k_kernel, k_a, k_b, k_bias = jax.random.split(key, 4)
+  if method == "svd":
+    kernel = kernel_init(k_kernel, kernel_shape, jnp.float32)
+    params = factorize_kernel(kernel, rank=rank, name=name)
+    params = {k: v.astype(param_dtype) for k, v in params.items()}
+  elif method == "random":
+    fan_in = jax.nn.initializers.lecun_normal(in_axis=tuple(range(len(kernel_shape) - 1)), out_axis=-1)
+    params = {"a": fan_in(k_a, kernel_shape[:-1] + (rank,), param_dtype),
+              "b": jax.nn.initializers.lecun_normal()(k_b, (rank, kernel_shape[-1]), param_dtype)}
+  else:
+    raise ValueError(f"{_layer(name)}: unknown init method {method!r}; choose 'svd' or 'random'")
+  if use_bias:
+    params["bias"] = bias_init(k_bias, (kernel_shape[-1],), param_dtype)
+  return params
+
+
+def dense_kernel(params: Params, keep: int | None = None) -> Array:
+  """The dense kernel ``A[..., :keep] @ B[:keep]`` in the layer's kernel shape."""
+  cap = capacity(params)
+  keep = _check_keep(keep, cap, None)
+  if not isinstance(keep, int):
+    raise ValueError("dense_kernel needs a static keep count")
+  a, b = params["a"][..., :keep], params["b"][:keep]
+  w = a.reshape(-1, keep) @ b
+  return w.reshape(params["a"].shape[:-1] + (b.shape[-1],))

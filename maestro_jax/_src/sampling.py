@@ -1,0 +1,120 @@
+"""Keep-count samplers for low-rank ordered dropout.
+
+A sampler is a pure, jittable function ``sampler(key, ranks) -> keeps``: given a
+PRNG key and a pytree of current per-layer ranks (Python ints or int32 arrays,
+e.g. ``{'fc1': 120, 'fc2': 84}``), it returns a pytree of the same structure of
+int32 scalars with ``0 <= keep <= rank``. Ranks may be traced, so a change of
+rank that keeps the capacity does not recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Sampler = Callable[[jax.Array, Any], Any]
+
+
+def _flat_ranks(ranks):
+  leaves, treedef = jax.tree.flatten(ranks)
+  if not leaves:
+    raise ValueError("the model has no factorized layers to sample keep counts for")
+  return jnp.stack([jnp.asarray(r, jnp.int32) for r in leaves]), treedef
+
+
+def _unflatten(treedef, keeps):
+  return jax.tree.unflatten(treedef, list(keeps))
+
+
+def none() -> Sampler:
+  """Every layer keeps its full current rank (plain factorized training)."""
+
+  def sample(key, ranks):
+    del key
+    return jax.tree.map(lambda r: jnp.asarray(r, jnp.int32), ranks)
+
+  return sample
+
+
+def single_layer() -> Sampler:
+  """The paper's default: one ``(layer, b)`` pair uniform over all pairs ``1 <= b <= r_l``.
+
+  Layer ``l`` is picked with probability ``r_l / sum(r)`` and keeps ``b`` uniform
+  in ``1..r_l``; every other layer keeps its full rank.
+  """
+
+  def sample(key, ranks):
+    r, treedef = _flat_ranks(ranks)
+    ends = jnp.cumsum(r)
+    u = jax.random.randint(key, (), 0, jnp.maximum(ends[-1], 1))
+    layer = jnp.sum(ends <= u)
+    b = u - (ends[layer] - r[layer]) + 1
+    keeps = jnp.where(jnp.arange(r.shape[0]) == layer, b, r)
+    return _unflatten(treedef, keeps.astype(jnp.int32))
+
+  return sample
+
+
+def independent() -> Sampler:
+  """Every layer draws its own keep count uniform in ``1..r_l``."""
+
+  def sample(key, ranks):
+    r, treedef = _flat_ranks(ranks)
+    u = jax.random.uniform(key, r.shape)
+    keeps = jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)
+    return _unflatten(treedef, keeps)
+
+  return sample
+
+
+def _fraction_of(p, r):
+  # The small slack keeps ceil(0.2 * 5) at 1 despite float rounding of 0.2.
+  b = jnp.ceil(p * r.astype(jnp.float32) - 1e-4).astype(jnp.int32)
+  return jnp.clip(b, jnp.minimum(r, 1), r)
+
+
+def shared_fraction(fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0)) -> Sampler:
+  """FjORD: one ``p`` uniform over ``fractions``; every layer keeps ``ceil(p * r_l)``."""
+  fractions = tuple(float(p) for p in fractions)
+  if not fractions or not all(0.0 < p <= 1.0 for p in fractions):
+    raise ValueError(f"fractions must be non-empty and in (0, 1], got {fractions}")
+  table = jnp.asarray(fractions, jnp.float32)
+
+  def sample(key, ranks):
+    r, treedef = _flat_ranks(ranks)
+    p = table[jax.random.randint(key, (), 0, len(fractions))]
+    return _unflatten(treedef, _fraction_of(p, r))
+
+  return sample
+
+
+def fixed_fraction(fraction: float) -> Sampler:
+  """Pufferfish-style baseline: every layer always keeps ``ceil(fraction * r_l)``."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+
+  def sample(key, ranks):
+    del key
+    r, treedef = _flat_ranks(ranks)
+    return _unflatten(treedef, _fraction_of(jnp.float32(fraction), r))
+
+  return sample
+
+
+SAMPLERS: dict[str, Callable[..., Sampler]] = {
+    "single_layer": single_layer,
+    "independent": independent,
+    "shared_fraction": shared_fraction,
+    "fixed_fraction": fixed_fraction,
+    "none": none,
+}
+
+
+def make_sampler(name: str, **kwargs) -> Sampler:
+  """Builds a sampler by name (one of :data:`SAMPLERS`)."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+  return SAMPLERS[name](**kwargs)

@@ -1,0 +1,327 @@
+"""Flax NNX layers over the functional core, plus model-level helpers.
+
+Factors live in ``nnx.Param`` (so an optimizer over ``nnx.Param`` trains them);
+the keep count lives in a :class:`KeepCount` variable, so a train step can set
+the keep counts of the whole model from one dict and a sweep can vmap over a
+stacked one::
+
+  model = MyModel(rngs=nnx.Rngs(0))           # built from maestro_jax.nnx layers
+  graphdef, params, keeps = nnx.split(model, nnx.Param, maestro_jax.nnx.KeepCount)
+  maestro_jax.nnx.set_keep_counts(model, {'fc1': 10, 'fc2': 5})
+
+Layer names are dotted module paths (``'blocks.0.mlp'``), the same names the
+functional core gives to ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maestro_jax._src import factorized as core
+from maestro_jax._src import tree
+
+__all__ = ["KeepCount", "Linear", "Conv", "MultiHeadAttention", "factorized_layers", "capacities",
+           "keep_counts", "set_keep_counts", "factorize"]
+
+
+# Marks an attribute as pytree data even when it is None (flax >= 0.12 needs this to later hold a Param).
+_data = getattr(nnx, "data", lambda value: value)
+
+
+def _iter_modules(model):
+  if hasattr(nnx, "iter_modules"):
+    return nnx.iter_modules(model)
+  return model.iter_modules()
+
+
+class KeepCount(nnx.Variable):
+  """The keep count of one factorized layer: an int32 scalar, ``0 <= keep <= capacity``."""
+
+
+class _Factorized(nnx.Module):
+  """Shared state and helpers of :class:`Linear` and :class:`Conv`."""
+
+  def _set_factors(self, params: core.Params) -> None:
+    self.a = nnx.Param(params["a"])
+    self.b = nnx.Param(params["b"])
+    self.bias = _data(nnx.Param(params["bias"]) if "bias" in params else None)
+    self.keep = KeepCount(jnp.asarray(params["a"].shape[-1], jnp.int32))
+
+  def factor_params(self) -> core.Params:
+    """The layer's parameters as the functional core's dict."""
+    params = {"a": self.a.value, "b": self.b.value}
+    if self.bias is not None:
+      params["bias"] = self.bias.value
+    return params
+
+  @property
+  def capacity(self) -> int:
+    return int(self.a.value.shape[-1])
+
+  def _keep(self, keep):
+    return self.keep.value if keep is None else keep
+
+
+class Linear(_Factorized):
+  """Factorized dense layer ``y = ((x @ A) * mask) @ B + bias``.
+
+  Input ``(..., in_features)``, output ``(..., out_features)``.
+
+  Args:
+    in_features: input features.
+    out_features: output features.
+    rank: capacity of the rank axis; defaults to ``min(in_features, out_features)``.
+    use_bias: add a bias.
+    init: ``'svd'`` (a dense init split by SVD, components ordered) or ``'random'``.
+    kernel_init: initializer of the dense kernel for ``'svd'``.
+    bias_init: initializer of the bias.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    precision: matmul precision.
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int | None = None, use_bias: bool = True,
+               init: str = "svd", kernel_init=None, bias_init=None, dtype=None, param_dtype=jnp.float32,
+               precision=None, rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype, self.precision = dtype, precision
+    self._set_factors(core.init(rngs.params(), (in_features, out_features), rank, use_bias=use_bias,
+                                method=init, kernel_init=kernel_init, bias_init=bias_init,
+                                param_dtype=param_dtype, name=self._name()))
+
+  def _name(self) -> str:
+    return f"Linear({self.in_features}->{self.out_features})"
+
+  def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
+    """Applies the layer; ``keep`` overrides the layer's :class:`KeepCount` for this call."""
+    return core.dense(self.factor_params(), x, self._keep(keep), dtype=self.dtype, precision=self.precision,
+                      name=self._name())
+
+  @classmethod
+  def from_kernel(cls, kernel: jax.Array, bias: jax.Array | None = None, *, rank: int | None = None,
+                  dtype=None, precision=None) -> Linear:
+    """A layer computing ``x @ kernel + bias`` (exactly at full rank), factorized by SVD."""
+    layer = cls(kernel.shape[0], kernel.shape[1], rank=1, use_bias=False, init="random", dtype=dtype,
+                precision=precision, rngs=nnx.Rngs(0))
+    layer._set_factors(core.factorize_kernel(kernel, bias, rank, name=layer._name()))
+    return layer
+
+
+class Conv(_Factorized):
+  """Factorized 2-D convolution: a ``kh x kw`` conv ``in -> r`` then a 1x1 conv ``r -> out``.
+
+  Input ``(..., H, W, in_features)`` (NHWC), output ``(..., H', W', out_features)``.
+
+  Args:
+    in_features: input channels.
+    out_features: output channels.
+    kernel_size: int or pair.
+    strides: int or pair.
+    padding: ``'SAME'``, ``'VALID'``, an int, or pairs.
+    kernel_dilation: int or pair.
+    feature_group_count: must be 1 (grouped convolutions are not supported).
+    rank: capacity; defaults to ``min(kh * kw * in_features, out_features)``.
+    use_bias, init, kernel_init, bias_init, dtype, param_dtype, precision, rngs:
+      as in :class:`Linear`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+               strides: int | Sequence[int] = 1, *, padding: core.Padding = "SAME",
+               kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1, rank: int | None = None,
+               use_bias: bool = True, init: str = "svd", kernel_init=None, bias_init=None, dtype=None,
+               param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+    kernel_size = core._pairs(kernel_size, 2, "kernel_size", "Conv")
+    if feature_group_count != 1:
+      raise ValueError(f"Conv({in_features}->{out_features}): feature_group_count={feature_group_count} is not "
+                       "supported; factorized convolutions need feature groups of 1")
+    self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
+    self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+    self.dtype, self.precision = dtype, precision
+    self._set_factors(core.init(rngs.params(), kernel_size + (in_features, out_features), rank,
+                                use_bias=use_bias, method=init, kernel_init=kernel_init, bias_init=bias_init,
+                                param_dtype=param_dtype, name=self._name()))
+
+  def _name(self) -> str:
+    return f"Conv({self.in_features}->{self.out_features}, {self.kernel_size[0]}x{self.kernel_size[1]})"
+
+  def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
+    """Applies the layer; ``keep`` overrides the layer's :class:`KeepCount` for this call."""
+    return core.conv(self.factor_params(), x, self._keep(keep), strides=self.strides, padding=self.padding,
+                     dilation=self.kernel_dilation, dtype=self.dtype, precision=self.precision,
+                     name=self._name())
+
+  @classmethod
+  def from_kernel(cls, kernel: jax.Array, bias: jax.Array | None = None, *, rank: int | None = None,
+                  strides=1, padding: core.Padding = "SAME", kernel_dilation=1, dtype=None,
+                  precision=None) -> Conv:
+    """A layer computing the convolution with an HWIO ``kernel``, factorized by SVD."""
+    if kernel.ndim != 4:
+      raise ValueError(f"Conv.from_kernel: kernel must be 4-D (kh, kw, c_in, c_out), got shape {kernel.shape}")
+    kh, kw, c_in, c_out = kernel.shape
+    layer = cls(c_in, c_out, (kh, kw), strides, padding=padding, kernel_dilation=kernel_dilation, rank=1,
+                use_bias=False, init="random", dtype=dtype, precision=precision, rngs=nnx.Rngs(0))
+    layer._set_factors(core.factorize_kernel(kernel, bias, rank, name=layer._name()))
+    return layer
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention whose ``query``, ``key``, ``value`` and ``out`` projections are :class:`Linear`.
+
+  Inputs ``(..., q_len, in_features)`` and optionally ``(..., kv_len, in_kv_features)``;
+  output ``(..., q_len, out_features)``. Each projection has its own keep count.
+
+  Args:
+    num_heads: number of heads; must divide ``qkv_features``.
+    in_features: query input features.
+    qkv_features: projection width (``num_heads * head_dim``); defaults to ``in_features``.
+    out_features: output features; defaults to ``in_features``.
+    in_kv_features: key/value input features; defaults to ``in_features``.
+    rank: optional capacity of every projection.
+    use_bias, init, dtype, param_dtype, precision, rngs: as in :class:`Linear`.
+  """
+
+  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
+               out_features: int | None = None, *, in_kv_features: int | None = None, rank: int | None = None,
+               use_bias: bool = True, init: str = "svd", dtype=None, param_dtype=jnp.float32, precision=None,
+               rngs: nnx.Rngs):
+    qkv_features = qkv_features or in_features
+    out_features = out_features or in_features
+    in_kv_features = in_kv_features or in_features
+    if qkv_features % num_heads:
+      raise ValueError(f"MultiHeadAttention: qkv_features={qkv_features} is not divisible by "
+                       f"num_heads={num_heads}")
+    self.num_heads, self.precision = num_heads, precision
+    kw = dict(use_bias=use_bias, init=init, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    cap = lambda d_in, d_out: None if rank is None else min(rank, d_in, d_out)
+    self.query = Linear(in_features, qkv_features, rank=cap(in_features, qkv_features), **kw)
+    self.key = Linear(in_kv_features, qkv_features, rank=cap(in_kv_features, qkv_features), **kw)
+    self.value = Linear(in_kv_features, qkv_features, rank=cap(in_kv_features, qkv_features), **kw)
+    self.out = Linear(qkv_features, out_features, rank=cap(qkv_features, out_features), **kw)
+
+  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None,
+               *, mask: jax.Array | None = None) -> jax.Array:
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    q = core.split_heads(self.query(inputs_q), self.num_heads, "MultiHeadAttention")
+    k = core.split_heads(self.key(inputs_k), self.num_heads, "MultiHeadAttention")
+    v = core.split_heads(self.value(inputs_v), self.num_heads, "MultiHeadAttention")
+    out = core.dot_product_attention(q, k, v, mask, precision=self.precision)
+    return self.out(out.reshape(out.shape[:-2] + (-1,)))
+
+
+# ----------------------------------------------------------------------------- model helpers
+
+
+def factorized_layers(model: nnx.Module) -> dict[str, _Factorized]:
+  """Every factorized layer of ``model`` keyed by its dotted module path, in graph order."""
+  return {tree.path_name(path): m for path, m in _iter_modules(model) if isinstance(m, _Factorized)}
+
+
+def capacities(model: nnx.Module) -> dict[str, int]:
+  """Capacity of every factorized layer."""
+  return {name: layer.capacity for name, layer in factorized_layers(model).items()}
+
+
+def keep_counts(model: nnx.Module) -> dict[str, jax.Array]:
+  """The current keep count of every factorized layer."""
+  return {name: layer.keep.value for name, layer in factorized_layers(model).items()}
+
+
+def set_keep_counts(model: nnx.Module, keeps: Mapping[str, Any]) -> None:
+  """Sets the keep counts of the named layers (ints or traced int32 scalars); others are unchanged.
+
+  Static ints are checked against each layer's capacity.
+  """
+  layers = factorized_layers(model)
+  tree.check_names(keeps, layers, "layers in keep counts")
+  for name, keep in keeps.items():
+    layer = layers[name]
+    keep = core._check_keep(keep, layer.capacity, name)
+    layer.keep.value = jnp.asarray(keep, jnp.int32)
+
+
+def _parent_and_key(model: nnx.Module, path: tuple):
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  return parent, path[-1]
+
+
+def _convert(module, rank_of: Callable[[int], int | None]):
+  """The factorized replacement of a Flax layer, or None when it is not a layer we convert."""
+  if isinstance(module, nnx.Linear):
+    bias = module.bias.value if module.bias is not None else None
+    return Linear.from_kernel(module.kernel.value, bias, rank=rank_of(min(module.kernel.value.shape)),
+                              dtype=module.dtype, precision=module.precision)
+  if isinstance(module, nnx.Conv):
+    kernel = module.kernel.value
+    if kernel.ndim != 4:
+      raise ValueError(f"cannot factorize a {kernel.ndim - 2}-D nnx.Conv: only 2-D convolutions are supported")
+    if module.feature_group_count != 1:
+      raise ValueError(f"cannot factorize an nnx.Conv with feature_group_count={module.feature_group_count}: "
+                       "grouped convolutions are not supported")
+    if any(d != 1 for d in jnp.atleast_1d(jnp.asarray(module.input_dilation))):
+      raise ValueError("cannot factorize an nnx.Conv with input_dilation != 1")
+    bias = module.bias.value if module.bias is not None else None
+    return Conv.from_kernel(kernel, bias, rank=rank_of(core.full_rank(kernel.shape)), strides=module.strides,
+                            padding=module.padding, kernel_dilation=module.kernel_dilation, dtype=module.dtype,
+                            precision=module.precision)
+  if isinstance(module, nnx.MultiHeadAttention):
+    q_kernel, k_kernel, o_kernel = module.query.kernel.value, module.key.kernel.value, module.out.kernel.value
+    new = MultiHeadAttention(module.num_heads, q_kernel.shape[0], module.qkv_features, o_kernel.shape[-1],
+                             in_kv_features=k_kernel.shape[0], use_bias=False, init="random", rank=1,
+                             precision=module.precision, rngs=nnx.Rngs(0))
+    for which in ("query", "key", "value", "out"):
+      proj = getattr(module, which)
+      kernel = proj.kernel.value
+      kernel = kernel.reshape(-1, kernel.shape[-1]) if which == "out" else kernel.reshape(kernel.shape[0], -1)
+      bias = proj.bias.value.reshape(-1) if proj.bias is not None else None
+      setattr(new, which, Linear.from_kernel(kernel, bias, rank=rank_of(min(kernel.shape)),
+                                             dtype=module.dtype, precision=module.precision))
+    return new
+  return None
+
+
+def factorize(model: nnx.Module, *, rank_fraction: float | None = None,
+              skip: Sequence[str] = ()) -> nnx.Module:
+  """Replaces, in place, every ``nnx.Linear``, 2-D ``nnx.Conv`` and ``nnx.MultiHeadAttention`` by SVD.
+
+  At full rank (the default) the model computes the same function. This is how
+  a pretrained Flax model is brought in.
+
+  Args:
+    model: the model to convert (modified in place and returned).
+    rank_fraction: keep ``ceil(fraction * full_rank)`` components instead of all.
+    skip: dotted module paths to leave dense.
+
+  Returns:
+    ``model``.
+  """
+  if rank_fraction is not None and not 0 < rank_fraction <= 1:
+    raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+
+  def rank_of(full: int) -> int | None:
+    return None if rank_fraction is None else max(1, int(-(-rank_fraction * full // 1)))
+
+  targets = []
+  for path, module in _iter_modules(model):
+    if not path or tree.path_name(path) in skip:
+      continue
+    if any(tree.path_name(path[:i]) in [tree.path_name(p) for p, _ in targets] for i in range(1, len(path))):
+      continue  # inside a module already being replaced (e.g. attention projections)
+    new = _convert(module, rank_of)
+    if new is not None:
+      targets.append((path, new))
+  for path, new in targets:
+    parent, key = _parent_and_key(model, path)
+    if isinstance(key, int):
+      parent[key] = new
+    else:
+      setattr(parent, key, new)
+  return model
