@@ -284,11 +284,17 @@ def factorize_matrix(kernel: Array, rank: int | None = None, *, name: str | None
   if not 1 <= rank <= full:
     raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
   dtype = kernel.dtype
-  p, s, qt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
-  root = jnp.sqrt(s[:rank])
+  try:
+    # A concrete kernel is split in float64 so the float32 factors reproduce it to rounding.
+    p, s, qt = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=False)
+    xp = np
+  except jax.errors.TracerArrayConversionError:
+    p, s, qt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+    xp = jnp
+  root = xp.sqrt(s[:rank])
   a = p[:, :rank] * root.reshape(1, -1)
   b = qt[:rank] * root.reshape(-1, 1)
-  return a.astype(dtype), b.astype(dtype)
+  return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
 
 
 def factorize_kernel(kernel: Array, bias: Array | None = None, rank: int | None = None, *,
