@@ -372,5 +372,5 @@ def dense_kernel(params: Params, keep: int | None = None) -> Array:
   if not isinstance(keep, int):
     raise ValueError("dense_kernel needs a static keep count")
   a, b = params["a"][..., :keep], params["b"][:keep]
-  w = a.reshape(-1, keep) @ b
+  w = a.reshape(math.prod(a.shape[:-1]), keep) @ b
   return w.reshape(params["a"].shape[:-1] + (b.shape[-1],))

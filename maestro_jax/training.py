@@ -1,0 +1,208 @@
+"""Jitted Maestro train and eval steps over an NNX model held as plain dicts.
+
+The train state is a plain dict (big_vision style)::
+
+  {'params': ..., 'model_state': ..., 'opt_state': ..., 'step': int32, 'ranks': {layer: int32}}
+
+``params`` and ``model_state`` (BatchNorm statistics and any other non-param,
+non-keep-count variables) are pure nested dicts, so shrinking, checkpointing and
+accounting work on them directly. ``ranks`` are data: a layer samples keep
+counts in ``1..rank`` and its capacity may be larger (rank quantum), so a rank
+change that keeps the capacity never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from maestro_jax import nnx as mnx
+from maestro_jax._src import regularizers
+from maestro_jax._src import sampling
+from maestro_jax._src import tree
+
+PyTree = Any
+LOSSES = ("maestro", "distill", "decomposable")
+
+
+def _copy(state: nnx.State) -> nnx.State:
+  return jax.tree.map(lambda v: v, state)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FunctionalModel:
+  """A pure-function view of an NNX model: ``apply(params, model_state, x, keeps, train)``."""
+  graphdef: Any
+  param_template: nnx.State
+  keep_template: nnx.State
+  state_template: nnx.State
+
+  @classmethod
+  def from_module(cls, model: nnx.Module) -> tuple[FunctionalModel, dict, dict]:
+    """Splits ``model``; returns the functional view, its params and its model state (pure dicts)."""
+    graphdef, params, keeps, rest = nnx.split(model, nnx.Param, mnx.KeepCount, ...)
+    fm = cls(graphdef, params, keeps, rest)
+    return fm, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def to_module(self, params: Mapping, model_state: Mapping, keeps: Mapping[str, Any] | None = None) -> nnx.Module:
+    """Rebuilds an NNX module holding the given params (any capacities), state and keep counts."""
+    param_state, rest = _copy(self.param_template), _copy(self.state_template)
+    nnx.replace_by_pure_dict(param_state, dict(params))
+    nnx.replace_by_pure_dict(rest, dict(model_state))
+    model = nnx.merge(self.graphdef, param_state, _copy(self.keep_template), rest)
+    # Keep counts default to each layer's (possibly shrunk) capacity.
+    caps = tree.capacities(params)
+    mnx.set_keep_counts(model, {name: jnp.asarray(cap, jnp.int32) for name, cap in caps.items()})
+    if keeps:
+      mnx.set_keep_counts(model, keeps)
+    return model
+
+  def apply(self, params: Mapping, model_state: Mapping, x: jax.Array, keeps: Mapping[str, Any] | None = None,
+            *, train: bool = False, batch_stats_only: bool = False) -> tuple[jax.Array, dict]:
+    """Runs the model; returns ``(outputs, new_model_state)``.
+
+    With ``batch_stats_only`` (and ``train``), every BatchNorm runs with momentum
+    0, so the returned state holds this batch's own statistics.
+    """
+    model = self.to_module(params, model_state, keeps)
+    if batch_stats_only:
+      for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.BatchNorm):
+          module.momentum = 0.0
+    out = model(x, train=train)
+    return out, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Any(nnx.Param, mnx.KeepCount))))
+
+  def recalibrate(self, params: Mapping, model_state: Mapping, images: jax.Array,
+                  keeps: Mapping[str, Any] | None = None) -> dict:
+    """BatchNorm statistics recomputed as the mean over calibration batches ``images (n, B, ...)``.
+
+    Pure and jittable (vmap it over keep counts to recalibrate many rank settings
+    at once); variables other than BatchNorm statistics keep their values.
+    """
+    def one(x):
+      return self.apply(params, model_state, x, keeps, train=True, batch_stats_only=True)[1]
+
+    per_batch = jax.lax.map(one, images)
+    return jax.tree.map(lambda s: jnp.mean(s, axis=0), per_batch)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy over the (masked) examples."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  if mask is None:
+    return jnp.mean(losses)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def soft_cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
+  """Mean cross-entropy against soft targets (self-distillation)."""
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), target_probs))
+
+
+def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTransformation,
+               ranks: Mapping[str, int] | None = None) -> dict:
+  """A fresh train state; ranks default to each layer's capacity."""
+  caps = tree.capacities(params)
+  ranks = dict(caps if ranks is None else ranks)
+  return {"params": params, "model_state": model_state, "opt_state": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32), "ranks": {k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}}
+
+
+def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
+                    sampler: sampling.Sampler, lasso: float = 0.0, loss: str = "maestro", alpha: float = 0.5,
+                    frobenius_decay: float = 0.0, donate: bool = True) -> Callable:
+  """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
+
+  Args:
+    model: the functional model.
+    optimizer: an optax transformation over ``params``.
+    sampler: draws keep counts from ``(key, ranks)``; a sampler with a
+      ``needs_params`` attribute is called as ``sampler(key, ranks, params)``.
+    lasso: weight of the hierarchical group lasso.
+    loss: ``'maestro'`` (the sampled model on labels, the paper's default),
+      ``'distill'`` (full pass on labels plus the sampled model on the full
+      model's detached softmax) or ``'decomposable'``
+      (``(1 - alpha) L_full + alpha L_low``).
+    alpha: weight of the low-rank loss for ``'decomposable'``.
+    frobenius_decay: weight of ``sum ||A B||_F^2`` (spectral-init baseline).
+    donate: donate the input state's buffers.
+
+  Returns:
+    The jitted step; ``metrics`` holds ``loss``, ``task_loss``, ``penalty``,
+    ``accuracy``, ``grad_norm`` and ``kept_fraction`` (components kept / rank).
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+
+  def step(state, batch, key):
+    ranks = state["ranks"]
+    if getattr(sampler, "needs_params", False):
+      keeps = sampler(key, ranks, state["params"])
+    else:
+      keeps = sampler(key, ranks)
+    images, labels = batch["image"], batch["label"]
+
+    def loss_fn(params):
+      logits, new_state = model.apply(params, state["model_state"], images, keeps, train=True)
+      low = cross_entropy(logits, labels)
+      if loss == "maestro":
+        task = low
+      else:
+        full_logits, new_state = model.apply(params, state["model_state"], images, ranks, train=True)
+        full = cross_entropy(full_logits, labels)
+        if loss == "distill":
+          target = jax.lax.stop_gradient(jax.nn.softmax(full_logits.astype(jnp.float32)))
+          task = full + soft_cross_entropy(logits, target)
+        else:
+          task = (1.0 - alpha) * full + alpha * low
+      penalty = regularizers.group_lasso(params, ranks) if lasso else jnp.zeros(())
+      total = task + lasso * penalty
+      if frobenius_decay:
+        total = total + frobenius_decay * regularizers.frobenius_decay(params)
+      accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+      return total, (new_state, task, penalty, accuracy)
+
+    (total, (new_state, task, penalty, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    kept = sum(jax.tree.leaves(keeps)) / jnp.maximum(sum(jax.tree.leaves(ranks)), 1)
+    metrics = {"loss": total, "task_loss": task, "penalty": penalty, "accuracy": accuracy,
+               "grad_norm": optax.global_norm(grads), "kept_fraction": kept.astype(jnp.float32)}
+    new = {"params": params, "model_state": new_state, "opt_state": opt_state, "step": state["step"] + 1,
+           "ranks": ranks}
+    return new, metrics
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model: FunctionalModel) -> Callable:
+  """Jitted ``(params, model_state, batch, keeps) -> {'loss_sum', 'correct', 'count'}`` (mask-aware)."""
+
+  def evaluate(params, model_state, batch, keeps):
+    logits, _ = model.apply(params, model_state, batch["image"], keeps, train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32)).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+  return jax.jit(evaluate)
+
+
+def evaluate(eval_step: Callable, params, model_state, batches: Iterable[Mapping], keeps=None) -> dict[str, float]:
+  """Accuracy and mean loss over all batches (masked padding excluded)."""
+  totals = None
+  for batch in batches:
+    out = eval_step(params, model_state, batch, keeps)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    raise ValueError("evaluate got no batches")
+  count = float(totals["count"])
+  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count,
+          "count": int(count)}

@@ -1,0 +1,1 @@
+"""The maestro_jax training runner: ``train_and_evaluate(config, workdir)`` and its CLI."""

@@ -1,0 +1,123 @@
+"""Run configuration: one dataclass, config files, and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+CHOICES = {
+    "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
+    "model": ("mlp", "lenet5", "vgg19", "resnet18", "transformer"),
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("constant", "step", "cosine"),
+    "sampler": ("single_layer", "independent", "shared_fraction", "fixed_fraction", "none"),
+    "loss": ("maestro", "distill", "decomposable"),
+}
+
+
+@dataclasses.dataclass
+class Config:
+  """Everything a run needs. Defaults are the paper's where it gives one."""
+  dataset: str = "digits"
+  data_dir: str | None = None          # tfds data dir
+  idx_dir: str | None = None           # folder of original MNIST-format IDX files ('auto': look beside the repo)
+  download: bool = False               # let tfds download a missing dataset
+  model: str = "mlp"
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+  factorized: bool = True
+  epochs: int = 10
+  batch_size: int = 128
+  eval_batch_size: int = 500
+  optimizer: str = "sgd"
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+  schedule: str = "constant"
+  sampler: str = "single_layer"
+  sampler_kwargs: dict = dataclasses.field(default_factory=dict)
+  loss: str = "maestro"
+  alpha: float = 0.5                   # Decomposable-Net weight of the low-rank loss
+  lasso: float = 0.0                   # hierarchical group lasso weight (lambda)
+  shrink: bool = True                  # progressive shrinking at each epoch end
+  shrink_threshold: float = 1e-5
+  rank_quantum: int = 1
+  recalibrate_batches: int = 10        # BatchNorm recalibration before evaluation (0: off)
+  seed: int = 0
+  checkpoint_every_steps: int = 500
+  keep_checkpoints: int = 3
+  log_every_steps: int = 50
+
+  def validate(self) -> Config:
+    for field, choices in CHOICES.items():
+      value = getattr(self, field)
+      if value not in choices:
+        raise ValueError(f"config: {field}={value!r} is not valid; choose one of {', '.join(choices)}")
+    for field in ("epochs", "batch_size", "eval_batch_size", "rank_quantum", "checkpoint_every_steps",
+                  "keep_checkpoints", "log_every_steps"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 1")
+    for field in ("learning_rate", "lasso", "shrink_threshold", "weight_decay", "recalibrate_batches"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 0")
+    if not 0 <= self.alpha <= 1:
+      raise ValueError(f"config: alpha={self.alpha!r} must be in [0, 1]")
+    return self
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Fields whose change makes an old checkpoint unusable for this run.
+IDENTITY_FIELDS = ("dataset", "model", "model_kwargs", "factorized", "batch_size", "optimizer", "seed",
+                   "sampler", "loss", "rank_quantum")
+
+
+def available() -> list[str]:
+  return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load(name_or_path: str) -> Config:
+  """Loads a config by name (``train/configs/NAME.py``) or from a Python file defining ``get_config()``."""
+  path = Path(name_or_path)
+  if path.suffix == ".py" and path.exists():
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  elif name_or_path in available():
+    module = importlib.import_module(f"train.configs.{name_or_path}")
+  else:
+    raise ValueError(f"unknown config {name_or_path!r}; choose one of {', '.join(available())} or a .py file")
+  config = module.get_config()
+  if not isinstance(config, Config):
+    raise ValueError(f"{name_or_path}: get_config() must return train.config.Config")
+  return config
+
+
+def override(config: Config, assignments: list[str]) -> Config:
+  """Applies ``key=value`` strings; values are Python literals (strings may be bare)."""
+  fields = {f.name: f for f in dataclasses.fields(Config)}
+  changes: dict[str, Any] = {}
+  for item in assignments:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} is not key=value")
+    if key not in fields:
+      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    default = getattr(config, key)
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise ValueError(f"config: {key} must be True or False, got {text!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    changes[key] = value
+  return dataclasses.replace(config, **changes).validate()

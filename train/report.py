@@ -1,0 +1,100 @@
+"""What a run shows a person: parameter/MAC counts, plots of ranks and accuracy, the summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")  # Files only; no display is assumed.
+import matplotlib.pyplot as plt  # noqa: E402
+
+from maestro_jax import accounting  # noqa: E402
+
+
+def count(params, fmodel, model_state, ranks: dict[str, int], input_shape) -> dict[str, int]:
+  """Parameters and MACs of the model at ``ranks`` (each layer in its smaller form: factorized or merged)."""
+  module = fmodel.to_module(jax.device_get(params), jax.device_get(model_state))
+  positions = accounting.layer_positions(module, input_shape)
+  result = accounting.count(module, ranks, positions)
+  return {"params": int(result.total_params("merged")), "macs": int(result.total_macs("merged"))}
+
+
+def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path) -> None:
+  """``ranks.png``: each layer's rank (as a fraction of its initial capacity) per epoch; ``accuracy.png``."""
+  if not history:
+    return
+  epochs = [h["epoch"] for h in history]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, cap in capacities.items():
+    ax.plot(epochs, [h["ranks"][name] / cap for h in history], marker="o", label=f"{name} ({cap})")
+  ax.set(xlabel="epoch", ylabel="rank / initial rank", title="rank per layer", ylim=(0, 1.05))
+  ax.legend(fontsize="small", ncol=2 if len(capacities) > 8 else 1, loc="lower left")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(workdir / "ranks.png", dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test accuracy")
+  ax.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
+  ax2 = ax.twinx()
+  ax2.plot(epochs, [h["params"] for h in history], color="tab:orange", linestyle="--", label="parameters")
+  ax2.set_ylabel("parameters")
+  ax.grid(alpha=0.3)
+  fig.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(workdir / "accuracy.png", dpi=120)
+  plt.close(fig)
+
+
+def summary(config, fmodel, state, history: list[dict], initial_caps: dict[str, int], input_shape,
+            wall_seconds: float) -> dict[str, Any]:
+  """Final accuracy, the sizes of the dense, full-rank factorized and shrunk models, and every layer's rank."""
+  host = jax.device_get(state)
+  module = fmodel.to_module(host["params"], host["model_state"])
+  positions = accounting.layer_positions(module, input_shape)
+  ranks = {k: int(v) for k, v in host["ranks"].items()}
+  final = accounting.count(module, ranks, positions)
+  # The full-rank factorized and dense models: the same layers at their initial capacities.
+  full = accounting.count(module, None, positions, capacities=initial_caps)
+  last = history[-1] if history else {}
+  return {
+      "config": config.dataset + "/" + config.model,
+      "epochs": len(history),
+      "test_accuracy": last.get("test_accuracy"),
+      "wall_seconds": round(wall_seconds, 1),
+      "params": {"dense": full.total_params("dense"), "factorized_full_rank": full.total_params("factorized"),
+                 "shrunk": final.total_params("merged")},
+      "macs": {"dense": full.total_macs("dense"), "factorized_full_rank": full.total_macs("factorized"),
+               "shrunk": final.total_macs("merged")},
+      "ranks": {name: [ranks.get(name, 0), cap] for name, cap in initial_caps.items()},
+  }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  acc = s["test_accuracy"]
+  lines = [f"{s['config']}: {s['epochs']} epochs, test accuracy "
+           f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}, {s['wall_seconds']} s",
+           "", f"{'model':<24}{'parameters':>14}{'MACs':>16}"]
+  for key, label in (("dense", "dense"), ("factorized_full_rank", "factorized, full rank"),
+                     ("shrunk", "after shrinking")):
+    lines.append(f"{label:<24}{s['params'][key]:>14,}{s['macs'][key]:>16,}")
+  dense_params = s["params"]["dense"]
+  if dense_params:
+    lines.append(f"compression vs dense: {dense_params / max(s['params']['shrunk'], 1):.2f}x parameters, "
+                 f"{s['macs']['dense'] / max(s['macs']['shrunk'], 1):.2f}x MACs")
+  lines += ["", f"{'layer':<32}{'rank':>12}"]
+  for name, (rank, cap) in s["ranks"].items():
+    lines.append(f"{name:<32}{f'{rank}/{cap}':>12}")
+  return "\n".join(lines)
+
+
+def write_summary(s: dict[str, Any], workdir: Path) -> None:
+  text = format_summary(s)
+  print(text)
+  (workdir / "summary.txt").write_text(text + "\n")
+  (workdir / "summary.json").write_text(json.dumps(s, indent=2))
