@@ -33,6 +33,18 @@ __all__ = ["KeepCount", "Linear", "Conv", "MultiHeadAttention", "factorized_laye
 _data = getattr(nnx, "data", lambda value: value)
 
 
+def get_value(variable: nnx.Variable):
+  """A variable's value (``get_value`` on flax >= 0.12, where ``.value`` is deprecated)."""
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def set_value(variable: nnx.Variable, value) -> None:
+  if hasattr(variable, "set_value"):
+    variable.set_value(value)
+  else:
+    variable.value = value
+
+
 def _iter_modules(model):
   if hasattr(nnx, "iter_modules"):
     return nnx.iter_modules(model)
@@ -54,17 +66,17 @@ class _Factorized(nnx.Module):
 
   def factor_params(self) -> core.Params:
     """The layer's parameters as the functional core's dict."""
-    params = {"a": self.a.value, "b": self.b.value}
+    params = {"a": get_value(self.a), "b": get_value(self.b)}
     if self.bias is not None:
-      params["bias"] = self.bias.value
+      params["bias"] = get_value(self.bias)
     return params
 
   @property
   def capacity(self) -> int:
-    return int(self.a.value.shape[-1])
+    return int(get_value(self.a).shape[-1])
 
   def _keep(self, keep):
-    return self.keep.value if keep is None else keep
+    return get_value(self.keep) if keep is None else keep
 
 
 class Linear(_Factorized):
@@ -230,7 +242,7 @@ def capacities(model: nnx.Module) -> dict[str, int]:
 
 def keep_counts(model: nnx.Module) -> dict[str, jax.Array]:
   """The current keep count of every factorized layer."""
-  return {name: layer.keep.value for name, layer in factorized_layers(model).items()}
+  return {name: get_value(layer.keep) for name, layer in factorized_layers(model).items()}
 
 
 def set_keep_counts(model: nnx.Module, keeps: Mapping[str, Any]) -> None:
@@ -243,7 +255,7 @@ def set_keep_counts(model: nnx.Module, keeps: Mapping[str, Any]) -> None:
   for name, keep in keeps.items():
     layer = layers[name]
     keep = core._check_keep(keep, layer.capacity, name)
-    layer.keep.value = jnp.asarray(keep, jnp.int32)
+    set_value(layer.keep, jnp.asarray(keep, jnp.int32))
 
 
 def _parent_and_key(model: nnx.Module, path: tuple):
@@ -256,11 +268,11 @@ def _parent_and_key(model: nnx.Module, path: tuple):
 def _convert(module, rank_of: Callable[[int], int | None]):
   """The factorized replacement of a Flax layer, or None when it is not a layer we convert."""
   if isinstance(module, nnx.Linear):
-    bias = module.bias.value if module.bias is not None else None
-    return Linear.from_kernel(module.kernel.value, bias, rank=rank_of(min(module.kernel.value.shape)),
+    bias = get_value(module.bias) if module.bias is not None else None
+    return Linear.from_kernel(get_value(module.kernel), bias, rank=rank_of(min(get_value(module.kernel).shape)),
                               dtype=module.dtype, precision=module.precision)
   if isinstance(module, nnx.Conv):
-    kernel = module.kernel.value
+    kernel = get_value(module.kernel)
     if kernel.ndim != 4:
       raise ValueError(f"cannot factorize a {kernel.ndim - 2}-D nnx.Conv: only 2-D convolutions are supported")
     if module.feature_group_count != 1:
@@ -268,20 +280,20 @@ def _convert(module, rank_of: Callable[[int], int | None]):
                        "grouped convolutions are not supported")
     if any(d != 1 for d in jnp.atleast_1d(jnp.asarray(module.input_dilation))):
       raise ValueError("cannot factorize an nnx.Conv with input_dilation != 1")
-    bias = module.bias.value if module.bias is not None else None
+    bias = get_value(module.bias) if module.bias is not None else None
     return Conv.from_kernel(kernel, bias, rank=rank_of(core.full_rank(kernel.shape)), strides=module.strides,
                             padding=module.padding, kernel_dilation=module.kernel_dilation, dtype=module.dtype,
                             precision=module.precision)
   if isinstance(module, nnx.MultiHeadAttention):
-    q_kernel, k_kernel, o_kernel = module.query.kernel.value, module.key.kernel.value, module.out.kernel.value
+    q_kernel, k_kernel, o_kernel = get_value(module.query.kernel), get_value(module.key.kernel), get_value(module.out.kernel)
     new = MultiHeadAttention(module.num_heads, q_kernel.shape[0], module.qkv_features, o_kernel.shape[-1],
                              in_kv_features=k_kernel.shape[0], use_bias=False, init="random", rank=1,
                              precision=module.precision, rngs=nnx.Rngs(0))
     for which in ("query", "key", "value", "out"):
       proj = getattr(module, which)
-      kernel = proj.kernel.value
+      kernel = get_value(proj.kernel)
       kernel = kernel.reshape(-1, kernel.shape[-1]) if which == "out" else kernel.reshape(kernel.shape[0], -1)
-      bias = proj.bias.value.reshape(-1) if proj.bias is not None else None
+      bias = get_value(proj.bias).reshape(-1) if proj.bias is not None else None
       setattr(new, which, Linear.from_kernel(kernel, bias, rank=rank_of(min(kernel.shape)),
                                              dtype=module.dtype, precision=module.precision))
     return new
