@@ -327,7 +327,10 @@ def factorize(model: nnx.Module, *, rank_fraction: float | None = None,
       continue
     if any(tree.path_name(path[:i]) in [tree.path_name(p) for p, _ in targets] for i in range(1, len(path))):
       continue  # inside a module already being replaced (e.g. attention projections)
-    new = _convert(module, rank_of)
+    try:
+      new = _convert(module, rank_of)
+    except ValueError as e:
+      raise ValueError(f"layer {tree.path_name(path)!r}: {e}") from None
     if new is not None:
       targets.append((path, new))
   for path, new in targets:

@@ -336,5 +336,5 @@ def test_grouped_conv_not_supported():
     def __init__(self, rngs):
       self.conv = nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=rngs)
 
-  with pytest.raises(ValueError, match=r"nnx\.Conv with feature_group_count=2.*not supported"):
+  with pytest.raises(ValueError, match=r"layer 'conv'.*nnx\.Conv with feature_group_count=2.*not supported"):
     mnnx.factorize(Model(nnx.Rngs(0)))
