@@ -13,6 +13,8 @@ from maestro_jax._src.factorized import factorize_kernel
 from maestro_jax._src.factorized import factorize_matrix
 from maestro_jax._src.factorized import full_rank
 from maestro_jax._src.factorized import init
+from maestro_jax._src.factorized import is_merged
+from maestro_jax._src.factorized import merge
 from maestro_jax._src.factorized import multi_head_attention
 from maestro_jax._src.factorized import truncate
 from maestro_jax._src.methods import decomposable_sampler

@@ -38,7 +38,9 @@ class _Factorized(nn.Module):
 
   def _factors(self, kernel_shape: tuple[int, ...]) -> core.Params:
     names = ("a", "b", "bias") if self.use_bias else ("a", "b")
-    if self.has_variable("params", "a"):
+    if self.has_variable("params", "kernel"):  # A merged layer (see maestro_jax.merge).
+      names = ("kernel", "bias") if self.use_bias else ("kernel",)
+    if self.has_variable("params", names[0]):
       # Read existing factors directly: their rank is data (it shrinks), so
       # Linen's check against a fresh init's shapes in ``self.param`` must not apply.
       missing = [k for k in names if not self.has_variable("params", k)]

@@ -65,15 +65,36 @@ class _Factorized(nnx.Module):
     self.keep = KeepCount(jnp.asarray(params["a"].shape[-1], jnp.int32))
 
   def factor_params(self) -> core.Params:
-    """The layer's parameters as the functional core's dict."""
-    params = {"a": get_value(self.a), "b": get_value(self.b)}
+    """The layer's parameters as the functional core's dict (factors, or a merged ``kernel``)."""
+    if self.merged:
+      params = {"kernel": get_value(self.kernel)}
+    else:
+      params = {"a": get_value(self.a), "b": get_value(self.b)}
     if self.bias is not None:
       params["bias"] = get_value(self.bias)
     return params
 
   @property
+  def merged(self) -> bool:
+    return hasattr(self, "kernel")
+
+  @property
   def capacity(self) -> int:
+    if self.merged:
+      return core.full_rank(get_value(self.kernel).shape)
     return int(get_value(self.a).shape[-1])
+
+  def merge(self, keep: int | None = None) -> None:
+    """Replaces the factors, in place, by one dense ``kernel = A[..., :keep] @ B[:keep]``.
+
+    Use it where the factorized form is not smaller; the layer then ignores keep counts.
+    """
+    if self.merged:
+      return
+    kernel = core.dense_kernel(self.factor_params(), keep)
+    del self.a, self.b
+    self.kernel = nnx.Param(kernel)
+    set_value(self.keep, jnp.asarray(self.capacity, jnp.int32))
 
   def _keep(self, keep):
     return get_value(self.keep) if keep is None else keep

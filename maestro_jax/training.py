@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from maestro_jax import models
 from maestro_jax import nnx as mnx
 from maestro_jax._src import regularizers
 from maestro_jax._src import sampling
@@ -50,46 +51,59 @@ class FunctionalModel:
     fm = cls(graphdef, params, keeps, rest)
     return fm, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
-  def to_module(self, params: Mapping, model_state: Mapping, keeps: Mapping[str, Any] | None = None) -> nnx.Module:
-    """Rebuilds an NNX module holding the given params (any capacities), state and keep counts."""
-    param_state, rest = _copy(self.param_template), _copy(self.state_template)
+  def states(self, params: Mapping, model_state: Mapping) -> tuple[nnx.State, nnx.State, nnx.State]:
+    """``(params, keep counts, rest)`` as NNX states for ``nnx.merge(graphdef, *states)``.
+
+    Keep counts default to each layer's (possibly shrunk) capacity.
+    """
+    param_state, keep_state, rest = _copy(self.param_template), _copy(self.keep_template), _copy(self.state_template)
     nnx.replace_by_pure_dict(param_state, dict(params))
     nnx.replace_by_pure_dict(rest, dict(model_state))
-    model = nnx.merge(self.graphdef, param_state, _copy(self.keep_template), rest)
-    # Keep counts default to each layer's (possibly shrunk) capacity.
-    caps = tree.capacities(params)
-    mnx.set_keep_counts(model, {name: jnp.asarray(cap, jnp.int32) for name, cap in caps.items()})
+    nnx.replace_by_pure_dict(keep_state, _keep_dict(params, tree.layer_paths(params)))
+    return param_state, keep_state, rest
+
+  def to_module(self, params: Mapping, model_state: Mapping, keeps: Mapping[str, Any] | None = None) -> nnx.Module:
+    """Rebuilds an NNX module holding the given params (any capacities), state and keep counts."""
+    model = nnx.merge(self.graphdef, *self.states(params, model_state))
     if keeps:
       mnx.set_keep_counts(model, keeps)
     return model
 
   def apply(self, params: Mapping, model_state: Mapping, x: jax.Array, keeps: Mapping[str, Any] | None = None,
-            *, train: bool = False, batch_stats_only: bool = False) -> tuple[jax.Array, dict]:
-    """Runs the model; returns ``(outputs, new_model_state)``.
-
-    With ``batch_stats_only`` (and ``train``), every BatchNorm runs with momentum
-    0, so the returned state holds this batch's own statistics.
-    """
+            *, train: bool = False) -> tuple[jax.Array, dict]:
+    """Runs the model; returns ``(outputs, new_model_state)``."""
     model = self.to_module(params, model_state, keeps)
-    if batch_stats_only:
-      for _, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.BatchNorm):
-          module.momentum = 0.0
     out = model(x, train=train)
     return out, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Any(nnx.Param, mnx.KeepCount))))
 
   def recalibrate(self, params: Mapping, model_state: Mapping, images: jax.Array,
                   keeps: Mapping[str, Any] | None = None) -> dict:
-    """BatchNorm statistics recomputed as the mean over calibration batches ``images (n, B, ...)``.
+    """``model_state`` with BatchNorm statistics recomputed over calibration batches ``images (n, B, ...)``.
 
-    Pure and jittable (vmap it over keep counts to recalibrate many rank settings
-    at once); variables other than BatchNorm statistics keep their values.
+    Pure and jittable; vmap it over keep counts to recalibrate many rank
+    settings at once.
     """
-    def one(x):
-      return self.apply(params, model_state, x, keeps, train=True, batch_stats_only=True)[1]
+    def run(model, x):
+      if keeps:
+        mnx.set_keep_counts(model, keeps)
+      return model(x, train=True)
 
-    per_batch = jax.lax.map(one, images)
-    return jax.tree.map(lambda s: jnp.mean(s, axis=0), per_batch)
+    stats = models.batch_norm_statistics(self.graphdef, self.states(params, model_state), images, apply=run)
+    merged = _copy(self.state_template)
+    nnx.replace_by_pure_dict(merged, dict(model_state))
+    merged = nnx.merge_state(merged, stats)
+    return nnx.to_pure_dict(merged)
+
+
+def _keep_dict(params, paths) -> dict:
+  """The pure keep-count dict of an NNX model: ``{..path: {'keep': capacity}}``."""
+  out: dict = {}
+  for name, cap in tree.capacities(params).items():
+    node = out
+    for key in paths[name]:
+      node = node.setdefault(key, {})
+    node["keep"] = jnp.asarray(cap, jnp.int32)
+  return out
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:

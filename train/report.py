@@ -15,12 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from maestro_jax import accounting  # noqa: E402
 
 
-def count(params, fmodel, model_state, ranks: dict[str, int], input_shape) -> dict[str, int]:
-  """Parameters and MACs of the model at ``ranks`` (each layer in its smaller form: factorized or merged)."""
-  module = fmodel.to_module(jax.device_get(params), jax.device_get(model_state))
-  positions = accounting.layer_positions(module, input_shape)
-  result = accounting.count(module, ranks, positions)
-  return {"params": int(result.total_params("merged")), "macs": int(result.total_macs("merged"))}
+def sizes(params, ranks: dict[str, int] | None, positions: dict[str, int]) -> accounting.Report:
+  """Parameters and MACs at ``ranks`` (None: full capacity); use the ``merged`` totals for a deployable model."""
+  return accounting.count(jax.device_get(params), ranks, positions)
 
 
 def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path) -> None:
@@ -51,27 +48,20 @@ def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path)
   plt.close(fig)
 
 
-def summary(config, fmodel, state, history: list[dict], initial_caps: dict[str, int], input_shape,
-            wall_seconds: float) -> dict[str, Any]:
+def summary(config, final: accounting.Report, full: accounting.Report, history: list[dict],
+            initial_caps: dict[str, int], ranks: dict[str, int], wall_seconds: float) -> dict[str, Any]:
   """Final accuracy, the sizes of the dense, full-rank factorized and shrunk models, and every layer's rank."""
-  host = jax.device_get(state)
-  module = fmodel.to_module(host["params"], host["model_state"])
-  positions = accounting.layer_positions(module, input_shape)
-  ranks = {k: int(v) for k, v in host["ranks"].items()}
-  final = accounting.count(module, ranks, positions)
-  # The full-rank factorized and dense models: the same layers at their initial capacities.
-  full = accounting.count(module, None, positions, capacities=initial_caps)
   last = history[-1] if history else {}
   return {
       "config": config.dataset + "/" + config.model,
       "epochs": len(history),
       "test_accuracy": last.get("test_accuracy"),
       "wall_seconds": round(wall_seconds, 1),
-      "params": {"dense": full.total_params("dense"), "factorized_full_rank": full.total_params("factorized"),
-                 "shrunk": final.total_params("merged")},
-      "macs": {"dense": full.total_macs("dense"), "factorized_full_rank": full.total_macs("factorized"),
-               "shrunk": final.total_macs("merged")},
-      "ranks": {name: [ranks.get(name, 0), cap] for name, cap in initial_caps.items()},
+      "params": {"dense": full.params_dense, "factorized_full_rank": full.params_factorized,
+                 "shrunk": final.params_merged},
+      "macs": {"dense": full.macs_dense, "factorized_full_rank": full.macs_factorized,
+               "shrunk": final.macs_merged},
+      "ranks": {name: [ranks.get(name, cap), cap] for name, cap in initial_caps.items()},
   }
 
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import maestro_jax
+from maestro_jax import accounting
 from maestro_jax import data as data_lib
 from maestro_jax import models
 from maestro_jax import training
@@ -144,6 +145,48 @@ def _save(manager, state, meta, *, force: bool = False):
                                                           meta=ocp.args.JsonSave(meta)), force=force)
 
 
+@dataclasses.dataclass
+class Run:
+  """A trained run loaded back from its workdir (see :func:`load_run`)."""
+  config: config_lib.Config
+  model: training.FunctionalModel
+  state: dict
+  train_source: Any
+  test_source: Any
+  positions: dict[str, int]
+  initial_capacities: dict[str, int]
+
+  @property
+  def ranks(self) -> dict[str, int]:
+    return _host_ranks(self.state)
+
+
+def load_run(workdir: str | Path) -> Run:
+  """Loads the latest checkpoint of a run, with its config, model and data.
+
+  Raises:
+    FileNotFoundError: ``workdir`` holds no config or no checkpoint.
+  """
+  workdir = Path(workdir)
+  if not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{workdir} is not a maestro-train workdir (no config.json)")
+  config = config_lib.Config(**json.loads((workdir / "config.json").read_text())).validate()
+  train_src, test_src = load_data(config)
+  model = build_model(config, train_src)
+  fmodel, params, model_state = training.FunctionalModel.from_module(model)
+  steps = data_lib.num_batches(len(train_src), config.batch_size, drop_remainder=True) * config.epochs
+  optimizer = make_optimizer(config, steps)
+  manager = _checkpoint_manager(workdir, config)
+  try:
+    restored = restore(manager, training.init_state(params, model_state, optimizer), optimizer)
+  finally:
+    manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+  return Run(config, fmodel, restored[0], train_src, test_src,
+             accounting.layer_positions(model, train_src.image_shape), maestro_jax.capacities(params))
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -192,7 +235,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
   optimizer = make_optimizer(config, total_steps)
   state = training.init_state(params, model_state, optimizer)
   initial_caps = maestro_jax.capacities(params)
-  input_shape = (1,) + tuple(train_src.image_shape)
+  positions = accounting.layer_positions(model, train_src.image_shape)
+  full_size = report.sizes(params, None, positions)
   manager = _checkpoint_manager(workdir, config)
 
   history: list[dict] = []
@@ -245,6 +289,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
         if stop_after_steps is not None and step >= stop_after_steps:
           break
       bar.close()
+      jax.block_until_ready(state)
       if metrics is not None:
         check_finite(metrics, step)
       if stop_after_steps is not None and step >= stop_after_steps and step % steps_per_epoch:
@@ -269,18 +314,18 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
       test = training.evaluate(eval_step, state["params"], eval_state,
                                (shards.put_batch(b) for b in data_lib.batches(
                                    test_src, config.eval_batch_size, train=False)), state["ranks"])
-      counts = report.count(state["params"], fmodel, state["model_state"], _host_ranks(state), input_shape)
+      size = report.sizes(state["params"], _host_ranks(state), positions)
       record = {"epoch": epoch + 1, "step": step, "train_loss": float(metrics["loss"]),
                 "train_task_loss": float(metrics["task_loss"]), "penalty": float(metrics["penalty"]),
                 "test_accuracy": test["accuracy"], "test_loss": test["loss"], "ranks": _host_ranks(state),
-                "params": counts["params"], "macs": counts["macs"], "epoch_seconds": round(train_seconds, 3)}
+                "params": size.params_merged, "macs": size.macs_merged, "epoch_seconds": round(train_seconds, 3)}
       history.append(record)
       metrics_file.write(json.dumps(record) + "\n")
       metrics_file.flush()
       _save(manager, state, meta_for(step), force=True)
       report.plot_history(history, initial_caps, workdir)
       print(f"epoch {epoch + 1}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, "
-            f"params {counts['params']:,}, MACs {counts['macs']:,}, {train_seconds:.1f}s")
+            f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
   except KeyboardInterrupt:
     _save(manager, state, meta_for(step), force=True)
     manager.wait_until_finished()
@@ -290,8 +335,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
     metrics_file.close()
     manager.wait_until_finished()
 
-  summary = report.summary(config, fmodel, state, history, initial_caps, input_shape,
-                           wall_seconds=time.perf_counter() - start_time)
+  ranks = _host_ranks(state)
+  summary = report.summary(config, report.sizes(state["params"], ranks, positions), full_size, history,
+                           initial_caps, ranks, wall_seconds=time.perf_counter() - start_time)
   report.write_summary(summary, workdir)
   manager.close()
   return summary

@@ -37,9 +37,17 @@ def capacity(params: Params) -> int:
   return params["a"].shape[-1]
 
 
+def is_merged(params: Params) -> bool:
+  """Whether a layer holds one dense ``kernel`` (a merged layer, see :func:`merge`) instead of factors."""
+  return "kernel" in params and "a" not in params
+
+
 def _check_factors(params: Params, name: str | None) -> None:
+  if hasattr(params, "keys") and is_merged(params):
+    return
   if not hasattr(params, "keys") or "a" not in params or "b" not in params:
-    raise ValueError(f"{_layer(name)}: expected a dict with factors 'a' and 'b', got {type(params).__name__}")
+    raise ValueError(f"{_layer(name)}: expected a dict with factors 'a' and 'b' (or a merged 'kernel'), "
+                     f"got {type(params).__name__}")
   a, b = params["a"], params["b"]
   if b.ndim != 2 or a.shape[-1] != b.shape[0]:
     raise ValueError(
@@ -75,10 +83,17 @@ def _add_bias(y: Array, bias: Array | None) -> Array:
   return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
 
-def _cast(dtype, *arrays):
+def _first(params: Params) -> Array:
+  """The array the input meets first: factor ``A`` or a merged ``kernel``."""
+  return params["kernel"] if is_merged(params) else params["a"]
+
+
+def _cast_layer(dtype, x: Array, params: Params) -> tuple[Array, Params]:
+  """Casts input and layer arrays to ``dtype`` (default: their promoted dtype)."""
+  keys = [k for k in ("a", "b", "kernel", "bias") if k in params]
   if dtype is None:
-    dtype = jnp.result_type(*[x for x in arrays if x is not None])
-  return [None if x is None else jnp.asarray(x, dtype) for x in arrays]
+    dtype = jnp.result_type(x, *[params[k] for k in keys])
+  return jnp.asarray(x, dtype), {k: jnp.asarray(params[k], dtype) for k in keys}
 
 
 def truncate(params: Params, keep: int) -> Params:
@@ -90,7 +105,15 @@ def truncate(params: Params, keep: int) -> Params:
 
 
 def _inner(params, x, keep, name, first_factor, precision):
-  """Shared apply: ``z = first_factor(x, A)``; mask or slice the rank axis; ``y = z @ B + bias``."""
+  """Shared apply: ``z = first_factor(x, A)``; mask or slice the rank axis; ``y = z @ B + bias``.
+
+  A merged layer computes ``first_factor(x, kernel) + bias`` and ignores traced keep counts.
+  """
+  if is_merged(params):
+    full = full_rank(params["kernel"].shape)
+    if isinstance(keep, (int, np.integer)) and keep != full:
+      raise ValueError(f"{_layer(name)}: a merged (dense) layer cannot keep {keep} of its {full} components")
+    return _add_bias(first_factor(x, params["kernel"]), params.get("bias"))
   cap = capacity(params)
   keep = _check_keep(keep, cap, name)
   if isinstance(keep, int):
@@ -125,14 +148,14 @@ def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, preci
     ``(..., d_out)``. With ``keep = 0`` every row equals the bias.
   """
   _check_factors(params, name)
-  if params["a"].ndim != 2:
-    raise ValueError(f"{_layer(name)}: dense factor A must be 2-D (d_in, r), got shape {params['a'].shape}")
-  d_in = params["a"].shape[0]
+  first = _first(params)
+  if first.ndim != 2:
+    raise ValueError(f"{_layer(name)}: dense factor A must be 2-D (d_in, r), got shape {first.shape}")
+  d_in = first.shape[0]
   if x.ndim < 1 or x.shape[-1] != d_in:
     raise ValueError(f"{_layer(name)}: input has {x.shape[-1] if x.ndim else 'no'} features, expected {d_in}")
-  x, a, b, bias = _cast(dtype, x, params["a"], params["b"], params.get("bias"))
-  cast = {"a": a, "b": b, "bias": bias}
-  return _inner(cast, x, keep, name, lambda x, a: jnp.matmul(x, a, precision=precision), precision)
+  x, params = _cast_layer(dtype, x, params)
+  return _inner(params, x, keep, name, lambda x, a: jnp.matmul(x, a, precision=precision), precision)
 
 
 def _pairs(value, n: int, what: str, name: str | None) -> tuple[int, ...]:
@@ -182,16 +205,17 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
     ``(..., H', W', c_out)``.
   """
   _check_factors(params, name)
-  if params["a"].ndim != 4:
-    raise ValueError(f"{_layer(name)}: conv factor A must be 4-D (kh, kw, c_in, r), got shape {params['a'].shape}")
-  c_in = params["a"].shape[2]
+  first = _first(params)
+  if first.ndim != 4:
+    raise ValueError(f"{_layer(name)}: conv factor A must be 4-D (kh, kw, c_in, r), got shape {first.shape}")
+  c_in = first.shape[2]
   if x.ndim < 3 or x.shape[-1] != c_in:
     raise ValueError(f"{_layer(name)}: input of shape {x.shape} does not have {c_in} channels last "
                      "(need (..., H, W, c_in))")
   strides = _pairs(strides, 2, "strides", name)
   dilation = _pairs(dilation, 2, "dilation", name)
   pad = _padding(padding, name)
-  x, a, b, bias = _cast(dtype, x, params["a"], params["b"], params.get("bias"))
+  x, params = _cast_layer(dtype, x, params)
   batch_shape = x.shape[:-3]
 
   def spatial(x, a):
@@ -200,7 +224,7 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return z.reshape(batch_shape + z.shape[1:])
 
-  return _inner({"a": a, "b": b, "bias": bias}, x, keep, name, spatial, precision)
+  return _inner(params, x, keep, name, spatial, precision)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
@@ -363,6 +387,20 @@ def init(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, us
   if use_bias:
     params["bias"] = bias_init(k_bias, (kernel_shape[-1],), param_dtype)
   return params
+
+
+def merge(params: Params, keep: int | None = None) -> Params:
+  """The layer as one dense kernel ``{'kernel': A[..., :keep] @ B[:keep], 'bias'?}``.
+
+  :func:`dense` and :func:`conv` apply the merged form directly; deploy a layer
+  merged when its factorized form is not smaller, ``(d_in + d_out) r >= d_in d_out``.
+  """
+  if is_merged(params):
+    return dict(params)
+  out = {"kernel": dense_kernel(params, keep)}
+  if "bias" in params:
+    out["bias"] = params["bias"]
+  return out
 
 
 def dense_kernel(params: Params, keep: int | None = None) -> Array:

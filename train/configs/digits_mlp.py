@@ -4,6 +4,6 @@ from train.config import Config
 
 
 def get_config() -> Config:
-  return Config(dataset="digits", model="mlp", model_kwargs={"hidden": (128, 64)}, epochs=15, batch_size=64,
-                learning_rate=0.05, lasso=1e-4, shrink_threshold=1e-3, checkpoint_every_steps=100,
-                log_every_steps=10)
+  return Config(dataset="digits", model="mlp", model_kwargs={"hidden": (256, 256)}, epochs=20, batch_size=64,
+                learning_rate=0.02, schedule="cosine", lasso=3e-3, shrink_threshold=1e-2, rank_quantum=8,
+                checkpoint_every_steps=100, log_every_steps=10)
