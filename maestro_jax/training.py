@@ -188,7 +188,7 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     params = optax.apply_updates(state["params"], updates)
     kept = sum(jax.tree.leaves(keeps)) / jnp.maximum(sum(jax.tree.leaves(ranks)), 1)
     metrics = {"loss": total, "task_loss": task, "penalty": penalty, "accuracy": accuracy,
-               "grad_norm": optax.global_norm(grads), "kept_fraction": kept.astype(jnp.float32)}
+               "grad_norm": optax.tree.norm(grads), "kept_fraction": kept.astype(jnp.float32)}
     new = {"params": params, "model_state": new_state, "opt_state": opt_state, "step": state["step"] + 1,
            "ranks": ranks}
     return new, metrics

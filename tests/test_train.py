@@ -1,0 +1,187 @@
+"""Tests for the training runner: configs, a whole run, kill-and-resume, shrinking, sharding, failures."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from train import config as config_lib
+from train import main as main_lib
+from train import train as train_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**changes) -> config_lib.Config:
+  """Digits, a one-hidden-layer MLP, 2 epochs of 22 steps, a lasso strong enough to shrink."""
+  base = config_lib.load("digits_mlp")
+  fields = dict(model_kwargs={"hidden": (32,)}, epochs=2, batch_size=64, learning_rate=0.1, lasso=1e-2,
+                shrink_threshold=5e-2, rank_quantum=1, checkpoint_every_steps=5, log_every_steps=5, eval_batch_size=128)
+  fields.update(changes)
+  return dataclasses.replace(base, **fields).validate()
+
+
+# ----------------------------------------------------------------------------- configs and CLI
+
+
+def test_every_named_config_loads_and_validates():
+  assert {"digits_mlp", "mnist_lenet", "fashion_mnist_lenet", "cifar10_resnet18", "cifar10_vgg19",
+          "mnist_transformer"} <= set(config_lib.available())
+  for name in config_lib.available():
+    assert config_lib.load(name).validate().model in config_lib.CHOICES["model"]
+
+
+def test_overrides_parse_literals_and_reject_bad_values():
+  config = config_lib.override(config_lib.load("digits_mlp"), ["epochs=3", "lasso=1e-3", "sampler=none",
+                                                              "model_kwargs={'hidden': (8,)}"])
+  assert (config.epochs, config.lasso, config.sampler, config.model_kwargs) == (3, 1e-3, "none", {"hidden": (8,)})
+  with pytest.raises(ValueError, match=r"sampler='nope' is not valid; choose one of single_layer, independent"):
+    config_lib.override(config, ["sampler=nope"])
+  with pytest.raises(ValueError, match=r"unknown config key 'epoch'; valid keys: dataset"):
+    config_lib.override(config, ["epoch=3"])
+  with pytest.raises(ValueError, match=r"override 'epochs' is not key=value"):
+    config_lib.override(config, ["epochs"])
+  with pytest.raises(ValueError, match=r"epochs=0 must be >= 1"):
+    config_lib.override(config, ["epochs=0"])
+  with pytest.raises(ValueError, match=r"unknown config 'nope'; choose one of .*digits_mlp"):
+    config_lib.load("nope")
+
+
+def test_cli_prints_one_line_errors(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main_lib.cli(["digits_mlp", "optimizer=lbfgs"])
+  message = str(exit_info.value.code)
+  assert message.startswith("maestro-train: error: config: optimizer='lbfgs' is not valid; choose one of sgd")
+  assert "\n" not in message
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def test_run_writes_metrics_plots_summary_and_shrinks(tmp_path):
+  summary = train_lib.train_and_evaluate(tiny_config(), tmp_path, progress=False)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2]
+  for name in ("ranks.png", "accuracy.png", "summary.txt", "summary.json", "config.json"):
+    assert (tmp_path / name).stat().st_size > 0
+  assert summary["test_accuracy"] > 0.5  # 44 steps; chance is 0.1
+  ranks = {name: rank for name, (rank, cap) in summary["ranks"].items()}
+  assert ranks["layers.0"] < 32, "the lasso should have cut hidden components"
+  assert summary["params"]["shrunk"] < summary["params"]["factorized_full_rank"]
+  assert summary["params"]["dense"] == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_restore_after_shrink_reads_saved_shapes(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(), tmp_path, progress=False)
+  run = train_lib.load_run(tmp_path)
+  caps = {name: layer["a"].shape[-1] for name, layer in __import__("maestro_jax").factorized_layers(
+      run.state["params"]).items()}
+  assert caps["layers.0"] < 32
+  assert caps == run.ranks  # rank_quantum=1: capacity is the rank
+  momentum = run.state["opt_state"][1][0].trace
+  assert momentum["layers"][0]["a"].shape == run.state["params"]["layers"][0]["a"].shape
+
+
+@pytest.mark.parametrize("quantum", [1, 64])
+def test_train_step_compiles_once_per_capacity(tmp_path, monkeypatch, quantum):
+  steps = []
+  make = train_lib.training.make_train_step
+  monkeypatch.setattr(train_lib.training, "make_train_step", lambda *a, **k: steps.append(make(*a, **k)) or steps[-1])
+  summary = train_lib.train_and_evaluate(tiny_config(rank_quantum=quantum, epochs=3), tmp_path, progress=False)
+  capacities = [tuple(sorted(r["ranks"].values())) for r in
+                (json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())]
+  assert summary["ranks"]["layers.0"][0] < 32, "ranks must shrink for this test to mean anything"
+  if quantum == 64:  # Ranks change, capacities (32 and 10, both below the quantum) never do.
+    assert steps[0]._cache_size() == 1
+  else:  # One compile per distinct capacity set the epochs trained with (ranks never grow back).
+    trained_with = [(10, 32)] + capacities[:-1]
+    assert steps[0]._cache_size() == len(set(trained_with)) > 1
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(epochs=1), tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"holds checkpoints of another config \(model_kwargs"):
+    train_lib.train_and_evaluate(tiny_config(epochs=1, model_kwargs={"hidden": (16,)}), tmp_path, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(epochs=1), tmp_path, progress=False)
+  good_step = train_lib.load_run(tmp_path).state["step"]
+  with pytest.raises(train_lib.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopped. The last good"):
+    train_lib.train_and_evaluate(tiny_config(epochs=2, learning_rate=1e12), tmp_path, progress=False)
+  assert int(train_lib.load_run(tmp_path).state["step"]) == int(good_step)
+
+
+_KILL_SCRIPT = """
+import os, signal, sys, dataclasses
+sys.path.insert(0, {tests!r})
+from maestro_jax import training
+from train import train
+from test_train import tiny_config
+
+make = training.make_train_step
+def killing_make(*args, **kwargs):
+  step = make(*args, **kwargs)
+  calls = [0]
+  def wrapped(state, batch, key):
+    calls[0] += 1
+    if calls[0] == {kill_at}:
+      train.jax.block_until_ready(state)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return step(state, batch, key)
+  return wrapped
+training.make_train_step = killing_make
+train.train_and_evaluate(tiny_config(), {workdir!r}, progress=False)
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+  reference = tmp_path / "reference"
+  train_lib.train_and_evaluate(tiny_config(), reference, progress=False)
+
+  resumed = tmp_path / "resumed"
+  # Step 33 is mid-epoch 2 (22 steps an epoch): after the epoch-1 shrink and a mid-epoch checkpoint.
+  script = _KILL_SCRIPT.format(tests=str(REPO / "tests"), kill_at=33, workdir=str(resumed))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  killed_at = train_lib.load_run(resumed).state["step"]
+  assert 22 < int(killed_at) < 44, "the kill should leave a mid-epoch checkpoint of epoch 2"
+
+  train_lib.train_and_evaluate(tiny_config(), resumed, progress=False)
+  a, b = train_lib.load_run(reference).state, train_lib.load_run(resumed).state
+  assert int(a["step"]) == int(b["step"]) == 44
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  history = [json.loads(line)["epoch"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+  assert history[-1] == 2
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+
+def test_eight_simulated_devices_match_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_check.py")], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "devices: 8" in proc.stdout and "sharded step matches" in proc.stdout and "restored sharded" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- tfds datasets
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_tfds_dataset_trains_under_mock_data(tmp_path, dataset):
+  config = dataclasses.replace(tiny_config(epochs=1, batch_size=16, eval_batch_size=16), dataset=dataset,
+                               model="lenet5", model_kwargs={}, idx_dir=None)
+  with tfds.testing.mock_data(num_examples=64):
+    summary = train_lib.train_and_evaluate(config, tmp_path, progress=False)
+  assert summary["epochs"] == 1 and summary["ranks"]["fc1"][1] == 120
