@@ -156,7 +156,9 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
 
   def step(state, batch, key):
     ranks = state["ranks"]
-    if getattr(sampler, "needs_params", False):
+    if not ranks:  # A dense model: nothing to sample.
+      keeps = {}
+    elif getattr(sampler, "needs_params", False):
       keeps = sampler(key, ranks, state["params"])
     else:
       keeps = sampler(key, ranks)
@@ -186,7 +188,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
         state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    kept = sum(jax.tree.leaves(keeps)) / jnp.maximum(sum(jax.tree.leaves(ranks)), 1)
+    kept = jnp.sum(jnp.asarray(jax.tree.leaves(keeps) or [1])) / jnp.maximum(
+        jnp.sum(jnp.asarray(jax.tree.leaves(ranks) or [1])), 1)
     metrics = {"loss": total, "task_loss": task, "penalty": penalty, "accuracy": accuracy,
                "grad_norm": optax.tree.norm(grads), "kept_fraction": kept.astype(jnp.float32)}
     new = {"params": params, "model_state": new_state, "opt_state": opt_state, "step": state["step"] + 1,

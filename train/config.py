@@ -17,7 +17,7 @@ CHOICES = {
     "model": ("mlp", "lenet5", "vgg19", "resnet18", "transformer"),
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("constant", "step", "cosine"),
-    "sampler": ("single_layer", "independent", "shared_fraction", "fixed_fraction", "none"),
+    "sampler": ("single_layer", "independent", "shared_fraction", "fixed_fraction", "none", "decomposable"),
     "loss": ("maestro", "distill", "decomposable"),
 }
 
@@ -32,6 +32,9 @@ class Config:
   model: str = "mlp"
   model_kwargs: dict = dataclasses.field(default_factory=dict)
   factorized: bool = True
+  init_from: str | None = None         # workdir of a finished dense run to start from, factorized by SVD
+  rank_fraction: float | None = None   # with init_from: keep this fraction of each layer's rank (Pufferfish)
+  dense_layers: tuple = ()             # with init_from: layers left dense (Pufferfish keeps the first ones)
   epochs: int = 10
   batch_size: int = 128
   eval_batch_size: int = 500
@@ -45,6 +48,7 @@ class Config:
   loss: str = "maestro"
   alpha: float = 0.5                   # Decomposable-Net weight of the low-rank loss
   lasso: float = 0.0                   # hierarchical group lasso weight (lambda)
+  frobenius_decay: float = 0.0         # weight of sum ||A B||_F^2 (spectral init + Frobenius decay baseline)
   shrink: bool = True                  # progressive shrinking at each epoch end
   shrink_threshold: float = 1e-5
   rank_quantum: int = 1
@@ -63,7 +67,10 @@ class Config:
                   "keep_checkpoints", "log_every_steps"):
       if getattr(self, field) < 1:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 1")
-    for field in ("learning_rate", "lasso", "shrink_threshold", "weight_decay", "recalibrate_batches"):
+    if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
+      raise ValueError(f"config: rank_fraction={self.rank_fraction!r} must be in (0, 1]")
+    for field in ("learning_rate", "lasso", "frobenius_decay", "shrink_threshold", "weight_decay",
+                  "recalibrate_batches"):
       if getattr(self, field) < 0:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 0")
     if not 0 <= self.alpha <= 1:
@@ -75,8 +82,8 @@ class Config:
 
 
 # Fields whose change makes an old checkpoint unusable for this run.
-IDENTITY_FIELDS = ("dataset", "model", "model_kwargs", "factorized", "batch_size", "optimizer", "seed",
-                   "sampler", "loss", "rank_quantum")
+IDENTITY_FIELDS = ("dataset", "model", "model_kwargs", "factorized", "init_from", "rank_fraction", "dense_layers",
+                   "batch_size", "optimizer", "seed", "sampler", "loss", "rank_quantum")
 
 
 def available() -> list[str]:

@@ -20,6 +20,27 @@ def sizes(params, ranks: dict[str, int] | None, positions: dict[str, int]) -> ac
   return accounting.count(jax.device_get(params), ranks, positions)
 
 
+def tensorboard_writer(workdir: Path):
+  """A TensorBoard writer in ``workdir/tensorboard`` when tensorboardX is installed, else None."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return None
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def log_record(writer, record: dict) -> None:
+  """Writes an epoch's scalars (and each layer's rank) to TensorBoard."""
+  if writer is None:
+    return
+  for key, value in record.items():
+    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+      writer.add_scalar(key, value, record["step"])
+  for name, rank in record["ranks"].items():
+    writer.add_scalar(f"rank/{name}", rank, record["step"])
+  writer.flush()
+
+
 def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path) -> None:
   """``ranks.png``: each layer's rank (as a fraction of its initial capacity) per epoch; ``accuracy.png``."""
   if not history:

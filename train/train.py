@@ -29,6 +29,7 @@ import maestro_jax
 from maestro_jax import accounting
 from maestro_jax import data as data_lib
 from maestro_jax import models
+from maestro_jax import nnx as mnx
 from maestro_jax import training
 from train import config as config_lib
 from train import report
@@ -62,6 +63,8 @@ def make_optimizer(config: config_lib.Config, total_steps: int) -> optax.Gradien
 
 
 def make_sampler(config: config_lib.Config) -> maestro_jax.Sampler:
+  if config.sampler == "decomposable":
+    return maestro_jax.decomposable_sampler(**config.sampler_kwargs)
   return maestro_jax.make_sampler(config.sampler, **config.sampler_kwargs)
 
 
@@ -75,6 +78,14 @@ def load_data(config: config_lib.Config):
 
 
 def build_model(config: config_lib.Config, source) -> nnx.Module:
+  """The configured model; with ``init_from``, a trained dense run's model factorized by SVD."""
+  if config.init_from:
+    run = load_run(config.init_from)
+    if run.config.factorized:
+      raise ValueError(f"init_from={config.init_from!r} must be a dense run (factorized=False)")
+    model = run.model.to_module(jax.device_get(run.state["params"]), jax.device_get(run.state["model_state"]))
+    # At rank_fraction None the function is unchanged (Pufferfish's switch from dense warm-up).
+    return mnx.factorize(model, rank_fraction=config.rank_fraction, skip=tuple(config.dense_layers))
   return models.make_model(config.model, num_classes=source.num_classes, image_shape=source.image_shape,
                            factorized=config.factorized, rngs=nnx.Rngs(config.seed), **config.model_kwargs)
 
@@ -201,14 +212,13 @@ def _calibration_images(source, config, count: int):
   return np.stack(images)
 
 
-def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_after_steps: int | None = None,
-                       devices=None, progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, devices=None,
+                       progress: bool = True) -> dict[str, Any]:
   """Trains and evaluates; resumes from the latest checkpoint in ``workdir`` when there is one.
 
   Args:
     config: the run configuration.
     workdir: where checkpoints, ``metrics.jsonl``, plots and the summary go.
-    stop_after_steps: stop (after saving) once this many steps are done; for tests.
     devices: devices to shard batches over (default: all).
     progress: show a progress bar.
 
@@ -247,12 +257,14 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
     print(f"resumed from step {meta['step']} (epoch {meta['step'] / steps_per_epoch:.2f}) in {workdir}")
   state = shards.put_state(state)
   train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=config.lasso,
-                                        loss=config.loss, alpha=config.alpha)
+                                        loss=config.loss, alpha=config.alpha,
+                                        frobenius_decay=config.frobenius_decay)
   eval_step = training.make_eval_step(fmodel)
   recalibrate = jax.jit(fmodel.recalibrate)
   key = jax.random.key(config.seed)
   step = int(state["step"])
   metrics_file = (workdir / "metrics.jsonl").open("a")
+  tensorboard = report.tensorboard_writer(workdir)
 
   def meta_for(step):
     return {"step": step, "capacities": maestro_jax.capacities(state["params"]), "ranks": _host_ranks(state),
@@ -286,15 +298,10 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
         if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
           check_finite(metrics, step)
           _save(manager, state, meta_for(step))
-        if stop_after_steps is not None and step >= stop_after_steps:
-          break
       bar.close()
       jax.block_until_ready(state)
       if metrics is not None:
         check_finite(metrics, step)
-      if stop_after_steps is not None and step >= stop_after_steps and step % steps_per_epoch:
-        _save(manager, state, meta_for(step), force=True)
-        break
       train_seconds = time.perf_counter() - epoch_start
 
       old_ranks = _host_ranks(state)
@@ -322,6 +329,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
       history.append(record)
       metrics_file.write(json.dumps(record) + "\n")
       metrics_file.flush()
+      report.log_record(tensorboard, record)
       _save(manager, state, meta_for(step), force=True)
       report.plot_history(history, initial_caps, workdir)
       print(f"epoch {epoch + 1}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, "
@@ -333,6 +341,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, stop_a
     raise
   finally:
     metrics_file.close()
+    if tensorboard is not None:
+      tensorboard.close()
     manager.wait_until_finished()
 
   ranks = _host_ranks(state)
