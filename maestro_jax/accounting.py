@@ -265,7 +265,7 @@ _RECORDING_CLASSES: dict[type, type] = {}
 
 def _out_features(module: nnx.Module) -> int:
   if isinstance(module, mnnx._Factorized):
-    return int(module.b[...].shape[-1])
+    return int((module.kernel if module.merged else module.b)[...].shape[-1])
   if isinstance(module, nnx.LinearGeneral):
     return _size(module.out_features)
   return int(module.out_features)

@@ -140,7 +140,7 @@ def _plot(families: Mapping[str, Mapping[str, Any]], dense: Mapping[str, Any] | 
     for name, fam in families.items():
       if fam.get(what) is None:
         continue
-      order = np.argsort(fam[what])
+      order = np.lexsort((fam["fractions"], fam[what]))  # by cost, then fraction (merged layers tie costs)
       ax.plot(np.asarray(fam[what])[order], 100 * np.asarray(fam["accuracy"])[order], marker="o", markersize=3,
               label=fam["label"])
     if dense is not None and dense.get(what) is not None:
@@ -182,8 +182,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
   run = _load_run(args.checkpoint)
   dense_run = _load_run(args.dense_checkpoint, "dense checkpoint") if args.dense_checkpoint else None
   if dense_run is not None:
+    kwargs = lambda r: json.loads(json.dumps(r.config.model_kwargs))  # tuples and lists compare equal
     same = (dense_run.config.model == run.config.model and dense_run.config.dataset == run.config.dataset
-            and json.loads(json.dumps(dense_run.config.model_kwargs)) == json.loads(json.dumps(run.config.model_kwargs)))
+            and kwargs(dense_run) == kwargs(run))
     if not same or dense_run.config.factorized:
       raise DeployError("--dense-checkpoint must be a run with factorized=False of the same dataset, model and "
                         "model_kwargs")
@@ -311,7 +312,8 @@ def _report_md(r: Mapping[str, Any]) -> str:
            "| layer | rank / capacity | deployed as |", "|---|---:|---|"]
   for name, rank in r["ranks"].items():
     form = r["layers"][name]["form"]
-    lines.append(f"| {name} | {rank}/{r['capacities'][name]} | {'one dense kernel' if form == 'dense' else 'factors'} |")
+    deployed = "one dense kernel" if form == "dense" else "factors"
+    lines.append(f"| {name} | {rank}/{r['capacities'][name]} | {deployed} |")
   lines += ["", f"Inference latency on {lat['backend']} ({lat['device']}), batch of {lat['batch_size']}, median of "
             f"{lat['runs']} runs after warm-up: exported {1e3 * lat['exported_s']:.3f} ms, dense "
             f"{1e3 * lat['dense_s']:.3f} ms, speed-up {lat['speedup']:.2f}x (dense / exported)."]
@@ -350,7 +352,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
       raise DeployError(str(e)) from None
     ranks = result.ranks
     greedy = {"metric": result.metric, "budget": result.budget, "step": args.step, "min_rank": args.min_rank,
-              "calibration_size": calib_size, "path": [{k: v for k, v in p.items() if k != "ranks"} for p in result.path]}
+              "calibration_size": calib_size,
+              "path": [{k: v for k, v in p.items() if k != "ranks"} for p in result.path]}
     ranks_from = f"the greedy search ({result.metric} budget {result.budget:,})"
   if args.quantum > 1:
     ranks = export_lib.quantize_ranks(ranks, args.quantum, caps)
@@ -362,7 +365,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     return jax.jit(model.recalibrate)(p, s, jnp.asarray(bn_calib), keeps)
 
   batches = _test_batches(run, run.config.eval_batch_size)
-  before_state = recalibrated(run.model, params, model_state, {k: jnp.asarray(v, jnp.int32) for k, v in trained.items()})
+  trained_keeps = {k: jnp.asarray(v, jnp.int32) for k, v in trained.items()}
+  before_state = recalibrated(run.model, params, model_state, trained_keeps)
   before_acc = _evaluate(run.model, params, before_state, batches, trained)
   efm, eparams, estate = export_lib.export_functional(run.model, params, model_state, ranks)
   estate = recalibrated(efm, eparams, estate)

@@ -46,15 +46,16 @@ def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path)
   if not history:
     return
   epochs = [h["epoch"] for h in history]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, cap in capacities.items():
-    ax.plot(epochs, [h["ranks"][name] / cap for h in history], marker="o", label=f"{name} ({cap})")
-  ax.set(xlabel="epoch", ylabel="rank / initial rank", title="rank per layer", ylim=(0, 1.05))
-  ax.legend(fontsize="small", ncol=2 if len(capacities) > 8 else 1, loc="lower left")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(workdir / "ranks.png", dpi=120)
-  plt.close(fig)
+  if capacities:  # A dense run has no ranks to draw.
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, cap in capacities.items():
+      ax.plot(epochs, [h["ranks"][name] / cap for h in history], marker="o", label=f"{name} ({cap})")
+    ax.set(xlabel="epoch", ylabel="rank / initial rank", title="rank per layer", ylim=(0, 1.05))
+    ax.legend(fontsize="small", ncol=2 if len(capacities) > 8 else 1, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(workdir / "ranks.png", dpi=120)
+    plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test accuracy")
