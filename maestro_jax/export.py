@@ -67,19 +67,6 @@ def _dims(layer: Mapping) -> tuple[int, int]:
   return int(math.prod(layer["a"].shape[:-1])), int(layer["b"].shape[-1])
 
 
-def _resolve_ranks(params: PyTree, ranks: Mapping[str, int] | None) -> dict[str, int]:
-  caps = tree.capacities(params)
-  ranks = dict(ranks or {})
-  tree.check_names(ranks, caps, "layers in ranks")
-  out = {}
-  for name, cap in caps.items():
-    rank = int(ranks.get(name, cap))
-    if not 0 <= rank <= cap:
-      raise ValueError(f"layer {name!r}: rank {rank} is out of range; need 0 <= rank <= capacity {cap}")
-    out[name] = rank
-  return out
-
-
 def _merge_decisions(params: PyTree, ranks: Mapping[str, int], merge: str, dense: Iterable[str]) -> dict[str, bool]:
   if merge not in MERGE_MODES:
     raise ValueError(f"merge must be one of {list(MERGE_MODES)}, got {merge!r}")
@@ -113,7 +100,7 @@ def export(params: PyTree, ranks: Mapping[str, int] | None = None, *, merge: str
   Raises:
     ValueError: unknown layer names, ranks out of range, a bad ``merge``.
   """
-  ranks = _resolve_ranks(params, ranks)
+  ranks = tree.resolve_ranks(params, ranks)
   merged = _merge_decisions(params, ranks, merge, dense)
 
   def one(name: str, layer: Mapping) -> dict:

@@ -440,14 +440,7 @@ def greedy_search(model: training.FunctionalModel, params: PyTree, model_state: 
   if not layers:
     raise ValueError("the model has no factorized layers to search over")
   caps = tree.capacities(params)
-  ranks = dict(ranks or {})
-  tree.check_names(ranks, caps, "layers in ranks")
-  current = {}
-  for name, cap in caps.items():
-    rank = int(ranks.get(name, cap))
-    if not 0 <= rank <= cap:
-      raise ValueError(f"layer {name!r}: rank {rank} is out of range; need 0 <= rank <= capacity {cap}")
-    current[name] = rank
+  current = tree.resolve_ranks(params, ranks)
   floor = {name: min(rank, min_rank) for name, rank in current.items()}
   index = 0 if metric == "macs" else 1
   smallest = _cost(params, floor, positions)

@@ -40,14 +40,7 @@ def round_up(rank: int, quantum: int, capacity: int) -> int:
 def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1) -> dict[str, int]:
   """Capacity per layer after shrinking to ``ranks`` with the given quantum."""
   caps = tree.capacities(params)
-  tree.check_names(ranks, caps, "layers in ranks")
-  out = {}
-  for name, cap in caps.items():
-    rank = int(ranks.get(name, cap))
-    if not 0 <= rank <= cap:
-      raise ValueError(f"layer {name!r}: rank {rank} is out of range; need 0 <= rank <= capacity {cap}")
-    out[name] = round_up(rank, quantum, cap)
-  return out
+  return {name: round_up(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
 
 
 def _slicers(params: Any, ranks: Mapping[str, int], caps: Mapping[str, int]):

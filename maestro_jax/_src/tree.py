@@ -67,3 +67,17 @@ def check_names(names, known: Mapping[str, Any], what: str) -> None:
   unknown = sorted(set(names) - set(known))
   if unknown:
     raise ValueError(f"unknown {what} {unknown}; the model's factorized layers are {sorted(known)}")
+
+
+def resolve_ranks(params: PyTree, ranks: Mapping[str, int] | None) -> dict[str, int]:
+  """Every layer's rank as an int: the given one (checked ``0 <= rank <= capacity``) or its capacity."""
+  caps = capacities(params)
+  ranks = dict(ranks or {})
+  check_names(ranks, caps, "layers in ranks")
+  out = {}
+  for name, cap in caps.items():
+    rank = int(ranks.get(name, cap))
+    if not 0 <= rank <= cap:
+      raise ValueError(f"layer {name!r}: rank {rank} is out of range; need 0 <= rank <= capacity {cap}")
+    out[name] = rank
+  return out
