@@ -134,6 +134,7 @@ def _plot(families: Mapping[str, Mapping[str, Any]], dense: Mapping[str, Any] | 
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, what, label in ((axes[0], "macs", "MACs per example"), (axes[1], "params", "parameters")):
@@ -148,7 +149,10 @@ def _plot(families: Mapping[str, Mapping[str, Any]], dense: Mapping[str, Any] | 
                  label=dense["label"])
       ax.axhline(100 * dense["accuracy"], color="black", linewidth=0.8, linestyle=":")
     ax.set(xlabel=label, ylabel="test accuracy (%)", xscale="log")
-    ax.grid(alpha=0.3)
+    # Engineering labels (150k, 1.2M) on major ticks only: log-scale minor labels overlap.
+    ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3, which="both")
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, fontsize="small", loc="lower center", ncol=2, frameon=False)
   fig.suptitle(title)
@@ -430,3 +434,13 @@ def export_cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run_export(args)
   except (DeployError, ValueError) as e:
     _fail("maestro-export", e)
+
+
+def sweep_main() -> None:
+  """Console script ``maestro-sweep`` (returns nothing, so the exit status is 0 on success)."""
+  sweep_cli()
+
+
+def export_main() -> None:
+  """Console script ``maestro-export``."""
+  export_cli()
