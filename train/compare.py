@@ -593,7 +593,7 @@ def _parser() -> argparse.ArgumentParser:
                   "post-hoc SVD and spectral init + Frobenius decay; write comparison.md, comparison.png and "
                   "comparison.json (accuracy, params, MACs, train time; families as accuracy vs MACs).")
   parser.add_argument("--epochs", type=int, default=None,
-                      help="training epochs of every method (default 10; 3 with --small)")
+                      help="training epochs of every method (default 10; 5 with --small)")
   parser.add_argument("--datasets", default=None,
                       help="comma-separated: mnist,fashion_mnist (default both; with --small: digits, or mnist / "
                            "fashion_mnist on a subset)")
@@ -617,7 +617,7 @@ def compare_cli(argv: Sequence[str] | None = None) -> None:
   """The ``maestro-compare`` command."""
   parser = _parser()
   args = parser.parse_args(argv)
-  epochs = args.epochs if args.epochs is not None else (3 if args.small else 10)
+  epochs = args.epochs if args.epochs is not None else (5 if args.small else 10)
   default = "digits" if args.small else ",".join(FULL_DATASETS)
   datasets = [d.strip() for d in (args.datasets or default).split(",") if d.strip()]
   try:

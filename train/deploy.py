@@ -309,7 +309,8 @@ def _report_md(r: Mapping[str, Any]) -> str:
   lines = [f"# Exported model: {r['model']['name']} on {r['dataset']}", "",
            f"Checkpoint: `{r['checkpoint']}`; ranks from {r['ranks_from']}.", "",
            "| model | parameters | MACs / example | test accuracy |", "|---|---:|---:|---:|",
-           f"| dense | {_fmt(d['params'])} | {_fmt(d['macs'])} | {100 * d['accuracy']:.2f}% |",
+           f"| trained, every layer one dense kernel | {_fmt(d['params'])} | {_fmt(d['macs'])} | "
+           f"{100 * d['accuracy']:.2f}% |",
            f"| trained (ranks {'/'.join(str(v) for v in r['trained_ranks'].values())}) | {_fmt(b['params'])} | "
            f"{_fmt(b['macs'])} | {100 * b['accuracy']:.2f}% |",
            f"| exported | {_fmt(a['params'])} | {_fmt(a['macs'])} | {100 * a['accuracy']:.2f}% |", "",
@@ -319,7 +320,7 @@ def _report_md(r: Mapping[str, Any]) -> str:
     deployed = "one dense kernel" if form == "dense" else "factors"
     lines.append(f"| {name} | {rank}/{r['capacities'][name]} | {deployed} |")
   lines += ["", f"Inference latency on {lat['backend']} ({lat['device']}), batch of {lat['batch_size']}, median of "
-            f"{lat['runs']} runs after warm-up: exported {1e3 * lat['exported_s']:.3f} ms, dense "
+            f"{lat['runs']} runs after warm-up: exported {1e3 * lat['exported_s']:.3f} ms, all-dense "
             f"{1e3 * lat['dense_s']:.3f} ms, speed-up {lat['speedup']:.2f}x (dense / exported)."]
   if r.get("greedy"):
     g = r["greedy"]
