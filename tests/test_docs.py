@@ -1,0 +1,25 @@
+"""The API reference is generated from docstrings: every public name has one and the file is current."""
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+sys.path.insert(0, str(DOCS))
+import make_api  # noqa: E402
+
+
+@pytest.mark.parametrize("module_name", make_api.MODULES)
+def test_every_public_name_has_a_docstring(module_name):
+  module = importlib.import_module(module_name)
+  missing = [name for name in make_api.public_names(module)
+             if (inspect.isfunction(getattr(module, name)) or inspect.isclass(getattr(module, name)))
+             and not inspect.getdoc(getattr(module, name))]
+  assert not missing, f"{module_name}: no docstring for {missing}"
+
+
+def test_api_reference_is_current():
+  assert (DOCS / "API.md").read_text() == make_api.render(), "run: python docs/make_api.py"
