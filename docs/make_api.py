@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -27,9 +28,12 @@ def summary(obj) -> str:
 
 def signature(name: str, obj) -> str:
   try:
-    return f"{name}{inspect.signature(obj)}"
+    text = f"{name}{inspect.signature(obj)}"
   except (TypeError, ValueError):
     return name
+  # Linen's implicit `parent`/`name` fields and object addresses change from run to run.
+  text = re.sub(r", parent: .*?, name: Optional\[str\] = None", "", text)
+  return re.sub(r" at 0x[0-9a-f]+", "", text)
 
 
 def render() -> str:
