@@ -1,6 +1,7 @@
 """The API reference is generated from docstrings: every public name has one and the file is current."""
 
 import importlib
+import re
 import inspect
 import sys
 from pathlib import Path
@@ -23,3 +24,13 @@ def test_every_public_name_has_a_docstring(module_name):
 
 def test_api_reference_is_current():
   assert (DOCS / "API.md").read_text() == make_api.render(), "run: python docs/make_api.py"
+
+
+def test_readme_python_examples_run():
+  readme = (DOCS.parent / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+  assert blocks, "the README should show the layers in use"
+  namespace: dict = {}
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+  assert namespace["y"].shape == (1, 10)
