@@ -304,7 +304,7 @@ def train_run(config: config_lib.Config, workdir: Path, *, log: Callable[[str], 
     record = json.loads(done.read_text())
     if record.get("config") == _config_dict(config):
       log(f"      reusing the finished run in {workdir}")
-      return record
+      return dict(record, reused=True)
   if workdir.exists():
     shutil.rmtree(workdir)
   workdir.mkdir(parents=True)
@@ -409,44 +409,42 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
         f"{entry['train_seconds']:.1f} s training" + (f"; family of {len(entry['family'])} models"
                                                       if len(entry["family"]) > 1 else ""))
 
+  def entry(record: dict, name: str, **fields) -> dict:
+    return {**fields, "train_seconds": record["train_seconds"], "reused": record.get("reused", False),
+            "workdir": str(workdirs[name]), "config": record["config"]}
+
   record, dense = trained("dense", "dense")
   point = _point(record, dense, "trained")
-  finish("dense", {"point": point, "family": [point], "train_seconds": record["train_seconds"],
-                   "workdir": str(workdirs["dense"]), "config": record["config"]})
+  finish("dense", entry(record, "dense", point=point, family=[point]))
 
   record, run = trained("maestro", "maestro")
-  family = maestro_family(run, fractions)
-  finish("maestro", {"point": _point(record, run, "trained ranks"), "family": family, "ranks": run.ranks,
-                     "train_seconds": record["train_seconds"], "workdir": str(workdirs["maestro"]),
-                     "config": record["config"]})
+  finish("maestro", entry(record, "maestro", point=_point(record, run, "trained ranks"),
+                          family=maestro_family(run, fractions), ranks=run.ranks))
 
   record, run = trained("decomposable", "decomposable")
-  family = decomposable_family(run, fractions)
-  finish("decomposable", {"point": _point(record, run, "full rank"), "family": family,
-                          "train_seconds": record["train_seconds"], "workdir": str(workdirs["decomposable"]),
-                          "config": record["config"]})
+  finish("decomposable", entry(record, "decomposable", point=_point(record, run, "full rank"),
+                               family=decomposable_family(run, fractions)))
 
   warm_record, _ = trained("pufferfish_warmup", "pufferfish")
   record, run = trained("pufferfish", "pufferfish")
   share = "full rank" if rank_fraction is None else f"rank {100 * rank_fraction:g}%"
   point = _point(record, run, f"{share}, {setting.first_layer} dense")
-  finish("pufferfish", {"point": point, "family": [point], "ranks": run.ranks,
-                        "warmup_epochs": configs["pufferfish_warmup"].epochs,
-                        "warmup_seconds": warm_record["train_seconds"],
-                        "train_seconds": round(warm_record["train_seconds"] + record["train_seconds"], 2),
-                        "workdir": str(workdirs["pufferfish"]), "config": record["config"]})
+  puff = entry(record, "pufferfish", point=point, family=[point], ranks=run.ranks,
+               warmup_epochs=configs["pufferfish_warmup"].epochs, warmup_seconds=warm_record["train_seconds"])
+  puff["train_seconds"] = round(warm_record["train_seconds"] + record["train_seconds"], 2)
+  puff["reused"] = puff["reused"] or warm_record.get("reused", False)
+  finish("pufferfish", puff)
 
   header("svd", f"truncating the dense model at fractions {', '.join(f'{p:g}' for p in fractions)}")
   family, svd_seconds = svd_family(dense, fractions)
   headline = min(family, key=lambda q: abs(q["fraction"] - (rank_fraction or 1.0)))
   finish("svd", {"point": headline, "family": family, "svd_seconds": round(svd_seconds, 3),
                  "train_seconds": round(results["dense"]["train_seconds"] + svd_seconds, 2),
-                 "workdir": str(workdirs["dense"])})
+                 "reused": results["dense"]["reused"], "workdir": str(workdirs["dense"])})
 
   record, run = trained("spectral", "spectral")
   point = _point(record, run, "full rank")
-  finish("spectral", {"point": point, "family": [point], "train_seconds": record["train_seconds"],
-                      "workdir": str(workdirs["spectral"]), "config": record["config"]})
+  finish("spectral", entry(record, "spectral", point=point, family=[point]))
   return {"description": setting.description, "methods": {m: results[m] for m in METHODS}}
 
 
@@ -454,10 +452,14 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
 
 
 def _rows(results: dict[str, Any]):
+  """``(dataset, method label, model, point, train seconds)`` of every point, families by decreasing fraction."""
   for dataset, entry in results["datasets"].items():
-    for method, r in entry["methods"].items():
+    for r in entry["methods"].values():
       for q in sorted(r["family"], key=lambda q: -q["fraction"]):
-        yield dataset, r["label"], q["setting"], q, r["train_seconds"]
+        setting = q["setting"]
+        if r.get("ranks") and q["fraction"] == 1.0:  # a trained factorized model: show its ranks
+          setting += f" (ranks {'-'.join(str(v) for v in r['ranks'].values())})"
+        yield dataset, r["label"], setting, q, r["train_seconds"]
 
 
 def format_markdown(results: dict[str, Any]) -> str:
@@ -467,11 +469,11 @@ def format_markdown(results: dict[str, Any]) -> str:
     lines += ["**Small CI setting** (`--small`): a smoke test of the pipeline on a tiny problem; the numbers do "
               "not compare the methods.", ""]
   for dataset, entry in results["datasets"].items():
-    lines.append(f"- **{dataset}**: {entry['description']}")
+    lines.append(f"- **{dataset}**: {entry['description']}; Maestro lambda {results['maestro_lasso'][dataset]:g}")
   lines += [
       "",
       "All training runs: SGD momentum 0.9, learning rate 0.02 with cosine decay, weight decay 1e-4, seed 0. "
-      f"Maestro: group lasso (lambda per dataset in `comparison.json`), shrinking every epoch. Decomposable-Net: "
+      "Maestro: single-layer ordered dropout, group lasso, shrinking every epoch. Decomposable-Net: "
       f"global ratio Z ~ U(0.01, 1) per step, alpha 0.5. Pufferfish: {results['warmup_epochs']} dense warm-up "
       f"epoch(s) at a constant learning rate, then rank fraction {results['rank_fraction']} with the first layer "
       "dense. Spectral: factors from the SVD of a dense init, Frobenius decay "
@@ -480,7 +482,8 @@ def format_markdown(results: dict[str, Any]) -> str:
       "Accuracy: test set. Params and MACs (per example): the deployable model, each layer as the smaller of its "
       "dense kernel and its kept factors. Train s: wall time of the training run(s) on this machine, including "
       "per-epoch evaluation and checkpoints (Pufferfish: warm-up + low-rank phase; post-hoc SVD: the dense run + "
-      "the SVDs). Rows of one method past the first are its family of models from the same training.",
+      "the SVDs). A method with several rows: its family of models, all from the one training run. Ranks are "
+      "listed in layer order.",
       "",
       "| dataset | method | model | accuracy % | params | MACs | train s |",
       "|---|---|---|---:|---:|---:|---:|",
@@ -488,7 +491,9 @@ def format_markdown(results: dict[str, Any]) -> str:
   for dataset, label, setting, q, seconds in _rows(results):
     lines.append(f"| {dataset} | {label} | {setting} | {100 * q['accuracy']:.2f} | {q['params']:,} | "
                  f"{q['macs']:,} | {seconds:.1f} |")
-  lines += ["", f"Total wall time of the comparison: {results['wall_seconds']:.0f} s."]
+  reused = sum(r.get("reused", False) for e in results["datasets"].values() for r in e["methods"].values())
+  lines += ["", f"Wall time of this invocation of the command: {results['wall_seconds']:.0f} s"
+            + (f" ({reused} method(s) reused finished runs from an earlier invocation)." if reused else ".")]
   return "\n".join(lines) + "\n"
 
 
@@ -499,7 +504,7 @@ _STYLES = {"dense": ("k", "s"), "maestro": ("tab:red", "o"), "decomposable": ("t
 def plot(results: dict[str, Any], path: Path) -> None:
   """``comparison.png``: accuracy vs MACs, one panel per dataset, each method's family as a line."""
   datasets = list(results["datasets"])
-  fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
+  fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.5 * len(datasets), 10), 5.2), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     methods_ = results["datasets"][dataset]["methods"]
     floor = 100 * methods_["dense"]["point"]["accuracy"] - 30
@@ -516,9 +521,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     title = f"{dataset}" + (f" ({hidden} point(s) below {max(0.0, floor):.0f}% not shown)" if hidden else "")
     ax.set(xlabel="MACs per example (deployable model)", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small", loc="lower right")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize="small", frameon=False)
   fig.suptitle("accuracy vs MACs" + (" (small CI setting)" if results["small"] else ""))
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

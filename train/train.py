@@ -239,6 +239,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, device
   shards = Shards(devices)
   if config.batch_size % shards.size:
     raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {shards.size} devices")
+  # Evaluation batches are padded and masked, so rounding their size up to the device count changes nothing.
+  eval_batch_size = -(-config.eval_batch_size // shards.size) * shards.size
 
   model = build_model(config, train_src)
   fmodel, params, model_state = training.FunctionalModel.from_module(model)
@@ -320,7 +322,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, device
         eval_state = recalibrate(state["params"], state["model_state"], jnp.asarray(calib), state["ranks"])
       test = training.evaluate(eval_step, state["params"], eval_state,
                                (shards.put_batch(b) for b in data_lib.batches(
-                                   test_src, config.eval_batch_size, train=False)), state["ranks"])
+                                   test_src, eval_batch_size, train=False)), state["ranks"])
       size = report.sizes(state["params"], _host_ranks(state), positions)
       record = {"epoch": epoch + 1, "step": step, "train_loss": float(metrics["loss"]),
                 "train_task_loss": float(metrics["task_loss"]), "penalty": float(metrics["penalty"]),

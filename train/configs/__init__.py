@@ -1,0 +1,1 @@
+"""Named run configurations: each module defines get_config() -> train.config.Config."""
