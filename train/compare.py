@@ -65,7 +65,6 @@ from maestro_jax import data as data_lib  # noqa: E402
 from maestro_jax import nnx as mnx  # noqa: E402
 from maestro_jax import sweep as sweep_lib  # noqa: E402
 from maestro_jax import training  # noqa: E402
-from maestro_jax._src import methods  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import report  # noqa: E402
 from train import train as train_lib  # noqa: E402
@@ -323,7 +322,8 @@ def _calibration(run: train_lib.Run):
   """Calibration images for BatchNorm recalibration of every swept model, or None without model state."""
   if not jax.tree.leaves(run.state["model_state"]) or not run.config.recalibrate_batches:
     return None
-  return train_lib._calibration_images(run.train_source, run.config, run.config.recalibrate_batches)  # pylint: disable=protected-access
+  calibration_images = train_lib._calibration_images  # pylint: disable=protected-access
+  return calibration_images(run.train_source, run.config, run.config.recalibrate_batches)
 
 
 def _test_batches(run: train_lib.Run):
@@ -364,7 +364,7 @@ def svd_family(dense: train_lib.Run, fractions: Sequence[float]) -> tuple[list[d
   points, svd_seconds = [], 0.0
   for p in fractions:
     start = time.perf_counter()
-    truncated = jax.block_until_ready(methods.truncate_dense_params(params, p))
+    truncated = jax.block_until_ready(maestro_jax.truncate_dense_params(params, p))
     svd_seconds += time.perf_counter() - start
     test = training.evaluate(eval_step, truncated, state, _test_batches(dense))
     size = report.sizes(truncated, None, dense.positions)
@@ -458,7 +458,7 @@ def _rows(results: dict[str, Any]):
       for q in sorted(r["family"], key=lambda q: -q["fraction"]):
         setting = q["setting"]
         if r.get("ranks") and q["fraction"] == 1.0:  # a trained factorized model: show its ranks
-          setting += f" (ranks {'-'.join(str(v) for v in r['ranks'].values())})"
+          setting += f" ({', '.join(f'{name} {rank}' for name, rank in r['ranks'].items())})"
         yield dataset, r["label"], setting, q, r["train_seconds"]
 
 
@@ -482,8 +482,8 @@ def format_markdown(results: dict[str, Any]) -> str:
       "Accuracy: test set. Params and MACs (per example): the deployable model, each layer as the smaller of its "
       "dense kernel and its kept factors. Train s: wall time of the training run(s) on this machine, including "
       "per-epoch evaluation and checkpoints (Pufferfish: warm-up + low-rank phase; post-hoc SVD: the dense run + "
-      "the SVDs). A method with several rows: its family of models, all from the one training run. Ranks are "
-      "listed in layer order.",
+      "the SVDs). A method with several rows: its family of models, all from the one training run. In brackets: "
+      "the trained rank of every factorized layer.",
       "",
       "| dataset | method | model | accuracy % | params | MACs | train s |",
       "|---|---|---|---:|---:|---:|---:|",
