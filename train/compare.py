@@ -246,25 +246,6 @@ def method_configs(setting: Setting, workdirs: dict[str, Path], *,
 # ----------------------------------------------------------------------------- running
 
 
-@contextlib.contextmanager
-def single_threaded_blas():
-  """Limits OpenBLAS/MKL to one thread while the comparison runs.
-
-  XLA on CPU calls LAPACK (through SciPy's OpenBLAS) for the SVDs and QRs that
-  Decomposable-Net's sampler computes every step; OpenBLAS's own threads then
-  fight XLA's thread pool, which on 2 cores made a LeNet step about 15x slower
-  (0.65 s instead of 0.04 s). Nothing else in these runs uses BLAS threads.
-  """
-  try:
-    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield
-    return
-  jax.block_until_ready(jnp.linalg.qr(jnp.ones((4, 2))))  # load the LAPACK library first so it is limited
-  with threadpool_limits(limits=1, user_api="blas"):
-    yield
-
-
 class _EpochEcho(io.TextIOBase):
   """Writes a run's output to a log file and echoes its ``epoch ...`` and ``resumed`` lines, indented."""
 
@@ -579,7 +560,7 @@ def run_comparison(datasets: Sequence[str] = FULL_DATASETS, *, epochs: int = 10,
   results: dict[str, Any] = {"small": small, "epochs": epochs, "fractions": fractions,
                              "rank_fraction": rank_fraction, "warmup_epochs": warmup_epochs(epochs),
                              "maestro_lasso": {s.dataset: s.maestro_lasso for s in settings}, "datasets": {}}
-  with single_threaded_blas():
+  with train_lib.single_threaded_blas():
     for s in settings:
       results["datasets"][s.dataset] = compare_dataset(s, out, fractions=fractions, rank_fraction=rank_fraction,
                                                        log=log, verbose=verbose)
