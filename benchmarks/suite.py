@@ -728,22 +728,10 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
   """Writes ``results.json`` and the markdown report into ``out_dir``; returns their paths."""
   out_dir.mkdir(parents=True, exist_ok=True)
   json_path = out_dir / "results.json"
-  json_path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+  json_path.write_text(json.dumps(results, indent=2, default=export_lib.json_default) + "\n")
   report_path = out_dir / "RESULTS.md"
   report_path.write_text(markdown.render(results))
   return json_path, report_path
-
-
-def _json_default(value: Any) -> Any:
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, (np.floating,)):
-    return float(value)
-  if isinstance(value, (np.bool_,)):
-    return bool(value)
-  if isinstance(value, (np.ndarray, jax.Array)):
-    return np.asarray(value).tolist()
-  raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,11 +256,14 @@ def _skeleton(tree_: PyTree) -> Any:
   return None
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+  """``json.dumps(..., default=json_default)`` for numpy/JAX scalars and arrays, paths and dataclasses."""
   if isinstance(value, (np.integer,)):
     return int(value)
   if isinstance(value, (np.floating,)):
     return float(value)
+  if isinstance(value, (np.bool_,)):
+    return bool(value)
   if isinstance(value, (np.ndarray, jax.Array)):
     return np.asarray(value).tolist()
   if isinstance(value, Path):
@@ -294,7 +297,7 @@ def save_exported(path: str | Path, params: PyTree, model_state: PyTree | None =
     checkpointer.close()
   meta = {"format": _FORMAT, "leaves": spec, "skeleton": _skeleton(full), "layers": layer_forms(params),
           "report": dict(report or {})}
-  (path / "exported.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+  (path / "exported.json").write_text(json.dumps(meta, indent=2, default=json_default))
   return path
 
 

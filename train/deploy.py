@@ -241,7 +241,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
   table = format_sweep_table(families, dense)
   print(table)
   (out / "sweep.txt").write_text(table + "\n")
-  (out / "sweep.json").write_text(json.dumps(result, indent=2, default=export_lib._json_default))
+  (out / "sweep.json").write_text(json.dumps(result, indent=2, default=export_lib.json_default))
   _plot(families, dense, out / "sweep.png", f"{run.config.dataset} / {run.config.model}: rank truncations")
   print(f"wrote {out / 'sweep.json'}, {out / 'sweep.png'}")
   return result
@@ -401,7 +401,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
       "greedy": greedy,
   }
   export_lib.save_exported(out / "model", eparams, estate, report)
-  (out / "report.json").write_text(json.dumps(report, indent=2, default=export_lib._json_default))
+  (out / "report.json").write_text(json.dumps(report, indent=2, default=export_lib.json_default))
   md = _report_md(report)
   (out / "report.md").write_text(md)
   print(md)
