@@ -48,7 +48,7 @@ from maestro_jax._src import tree
 
 __all__ = ["MERGE_MODES", "should_merge", "export", "layer_forms", "export_module", "module_from_exported",
            "export_functional", "save_exported", "load_exported", "quantize_ranks", "LayerTiming",
-           "layer_inputs", "measure_layer_times", "time_fn"]
+           "layer_inputs", "measure_layer_times", "time_fn", "json_default"]
 
 PyTree = Any
 MERGE_MODES = ("auto", "all", "none")
