@@ -183,6 +183,8 @@ def load_run(workdir: str | Path) -> Run:
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"{workdir} is not a maestro-train workdir (no config.json)")
   config = config_lib.Config(**json.loads((workdir / "config.json").read_text())).validate()
+  if not (workdir / "checkpoints").is_dir():  # Checked first: the manager would create the folder.
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
   train_src, test_src = load_data(config)
   model = build_model(config, train_src)
   fmodel, params, model_state = training.FunctionalModel.from_module(model)
@@ -333,9 +335,10 @@ def _train_and_evaluate(config, workdir, devices, progress) -> dict[str, Any]:
 
       old_ranks = _host_ranks(state)
       if config.shrink and config.factorized:
-        host = jax.device_get(state)
-        ranks = maestro_jax.ranks_from_importance(host["params"], config.shrink_threshold, old_ranks)
-        if ranks != old_ranks:
+        ranks = maestro_jax.ranks_from_importance(jax.device_get(state["params"]), config.shrink_threshold,
+                                                  old_ranks)
+        if ranks != old_ranks:  # Only then is the whole state (optimizer included) brought to the host.
+          host = jax.device_get(state)
           params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
                                                     opt_state=host["opt_state"], optimizer=optimizer)
           state = shards.put_state(dict(host, params=params, opt_state=opt_state,
