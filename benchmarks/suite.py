@@ -265,7 +265,7 @@ def bench_ordered_dropout_overhead(s: Settings) -> dict[str, Any]:
 @contextlib.contextmanager
 def _capture_train_steps(steps: list):
   """Records every jitted step ``train.train`` builds (``training.make_train_step`` patched)."""
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
   make = train_lib.training.make_train_step
 
   def capture(*args, **kwargs):
@@ -296,7 +296,7 @@ def _shrink_events(records: list[dict], initial_caps: Mapping[str, int], quantum
 
 def compile_config(s: Settings, quantum: int):
   """The digits/MLP run of the compile-count benchmark (a lasso strong enough to shrink within a few epochs)."""
-  from train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from maestro_train import config as config_lib  # pylint: disable=import-outside-toplevel
   base = config_lib.load("digits_mlp")
   return dataclasses.replace(base, model_kwargs={"hidden": tuple(s.compile_hidden)}, epochs=s.compile_epochs,
                              batch_size=64, learning_rate=0.1, lasso=1e-2, shrink_threshold=5e-2,
@@ -306,7 +306,7 @@ def compile_config(s: Settings, quantum: int):
 
 def bench_compile_count(s: Settings) -> dict[str, Any]:
   """Compilations of the train step over a real training run, per rank quantum."""
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
   out = _section("Compilations of the train step over a training run (digits, MLP, train_and_evaluate)",
                  "expected = 1 + capacity-changing shrink events before the last epoch",
                  ["quantum", "epochs", "steps", "rank changes", "capacity changes (counted)", "compiles", "expected",
@@ -567,7 +567,7 @@ def bench_freezing(s: Settings) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _patched_data(train_src, test_src):
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
   load = train_lib.load_data
   train_lib.load_data = lambda config: (train_src, test_src)
   try:
@@ -618,8 +618,8 @@ def _e2e_variants(s: Settings) -> list[tuple[str, dict[str, Any]]]:
 
 def bench_end_to_end(s: Settings) -> dict[str, Any]:
   """LeNet/MNIST epochs with the real runner: config mnist_lenet (and the reference's setting), 2 epochs."""
-  from train import config as config_lib  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from maestro_train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
   out = _section("End to end: LeNet-5 on MNIST with the real runner (train_and_evaluate)",
                  f"official PyTorch code on a 2-core CPU: {PYTORCH_REFERENCE_2_EPOCHS_S:.0f} s for 2 epochs "
                  "(DESIGN.md section 5; not re-measured here)",

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import maestro_jax  # noqa: E402
 from maestro_jax import data, training  # noqa: E402
 from test_train import tiny_config  # noqa: E402
-from train import train  # noqa: E402
+from maestro_train import train  # noqa: E402
 
 print("devices:", jax.device_count())
 config = tiny_config()

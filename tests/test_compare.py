@@ -10,9 +10,9 @@ import pytest
 
 from maestro_jax import data as data_lib
 from maestro_jax import training
-from train import compare
-from train import config as config_lib
-from train import train as train_lib
+from maestro_train import compare
+from maestro_train import config as config_lib
+from maestro_train import train as train_lib
 
 EPOCHS = 2
 ROW = re.compile(r"^\| (?P<dataset>[^|]+) \| (?P<method>[^|]+) \| (?P<model>[^|]+) \| (?P<acc>[^|]+) \| "

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from train import config as config_lib
-from train import deploy
-from train import train as train_lib
+from maestro_train import config as config_lib
+from maestro_train import deploy
+from maestro_train import train as train_lib
 
 
 def _config(**changes):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from train import config as config_lib
-from train import main as main_lib
-from train import train as train_lib
+from maestro_train import config as config_lib
+from maestro_train import main as main_lib
+from maestro_train import train as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ _KILL_SCRIPT = """
 import os, signal, sys, dataclasses
 sys.path.insert(0, {tests!r})
 from maestro_jax import training
-from train import train
+from maestro_train import train
 from test_train import tiny_config
 
 make = training.make_train_step

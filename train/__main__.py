@@ -1,3 +1,4 @@
-from train.main import cli
+"""``python -m maestro_train`` (installed) or ``python -m train`` (from a checkout)."""
+from .main import cli
 
 cli()

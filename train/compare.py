@@ -1,8 +1,8 @@
 """One command that compares Maestro with the related low-rank methods and baselines.
 
 ``maestro-compare`` (or ``python -m train.compare``) trains LeNet-5 on MNIST and
-on Fashion-MNIST with six methods, each a :class:`~train.config.Config`
-variation run by :func:`train.train.train_and_evaluate` in its own workdir
+on Fashion-MNIST with six methods, each a :class:`~maestro_train.config.Config`
+variation run by :func:`maestro_train.train.train_and_evaluate` in its own workdir
 ``OUT/<dataset>/<method>``:
 
 1. ``dense``: the plain LeNet-5 (``factorized=False``).
@@ -65,9 +65,9 @@ from maestro_jax import data as data_lib  # noqa: E402
 from maestro_jax import nnx as mnx  # noqa: E402
 from maestro_jax import sweep as sweep_lib  # noqa: E402
 from maestro_jax import training  # noqa: E402
-from train import config as config_lib  # noqa: E402
-from train import report  # noqa: E402
-from train import train as train_lib  # noqa: E402
+from . import config as config_lib  # noqa: E402
+from . import report  # noqa: E402
+from . import train as train_lib  # noqa: E402
 
 METHODS = ("dense", "maestro", "decomposable", "pufferfish", "svd", "spectral")
 LABELS = {

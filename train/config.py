@@ -98,12 +98,12 @@ def load(name_or_path: str) -> Config:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   elif name_or_path in available():
-    module = importlib.import_module(f"train.configs.{name_or_path}")
+    module = importlib.import_module(f"{__package__}.configs.{name_or_path}")
   else:
     raise ValueError(f"unknown config {name_or_path!r}; choose one of {', '.join(available())} or a .py file")
   config = module.get_config()
   if not isinstance(config, Config):
-    raise ValueError(f"{name_or_path}: get_config() must return train.config.Config")
+    raise ValueError(f"{name_or_path}: get_config() must return maestro_train.config.Config")
   return config
 
 

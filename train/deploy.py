@@ -50,7 +50,7 @@ def _fail(prog: str, message: Any) -> None:
 
 
 def _load_run(workdir: str | Path, what: str = "checkpoint"):
-  from train import train as train_lib  # Heavy imports only once the arguments are known to be good.
+  from . import train as train_lib  # Heavy imports only once the arguments are known to be good.
 
   path = Path(workdir)
   if not path.exists():
@@ -67,7 +67,7 @@ def _has_state(model_state: Any) -> bool:
 
 def _calibration_images(run, count: int) -> np.ndarray | None:
   """``(count, B, ...)`` unaugmented training images for BatchNorm, or None when the model has no statistics."""
-  from train import train as train_lib
+  from . import train as train_lib
 
   if count < 1 or not _has_state(run.state["model_state"]):
     return None

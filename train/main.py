@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from train import config as config_lib
+from . import config as config_lib
 
 
 def parse(argv=None) -> tuple[config_lib.Config, Path, argparse.Namespace]:
@@ -37,7 +37,7 @@ def cli(argv=None) -> None:
     sys.exit(f"maestro-train: error: {e}")
   if args.fresh and workdir.exists():
     shutil.rmtree(workdir)
-  from train import train  # Heavy imports only after the arguments are known to be good.
+  from . import train  # Heavy imports only after the arguments are known to be good.
   try:
     train.train_and_evaluate(config, workdir, progress=not args.no_progress)
   except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:

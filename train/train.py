@@ -32,8 +32,8 @@ from maestro_jax import data as data_lib
 from maestro_jax import models
 from maestro_jax import nnx as mnx
 from maestro_jax import training
-from train import config as config_lib
-from train import report
+from . import config as config_lib
+from . import report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

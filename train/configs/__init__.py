@@ -1,1 +1,1 @@
-"""Named run configurations: each module defines get_config() -> train.config.Config."""
+"""Named run configurations: each module defines get_config() -> maestro_train.config.Config."""

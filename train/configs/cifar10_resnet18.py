@@ -1,6 +1,6 @@
 """ResNet-18 (CIFAR form) on CIFAR-10, the paper's setting: SGD 0.1, step decay, lambda 16e-6, 300 epochs."""
 
-from train.config import Config
+from ..config import Config
 
 
 def get_config() -> Config:

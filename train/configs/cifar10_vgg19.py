@@ -1,6 +1,6 @@
 """VGG-19 (CIFAR form) on CIFAR-10: SGD 0.1, step decay, 300 epochs."""
 
-from train.config import Config
+from ..config import Config
 
 
 def get_config() -> Config:

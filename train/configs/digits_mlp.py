@@ -1,6 +1,6 @@
 """The default run: scikit-learn's 8x8 digits, an MLP, offline, well under 2 minutes on 2 CPU cores."""
 
-from train.config import Config
+from ..config import Config
 
 
 def get_config() -> Config:

@@ -6,7 +6,7 @@ the repository (or ``idx_dir=PATH``); otherwise tfds's prepared ``fashion_mnist`
 
 import dataclasses
 
-from train.configs import mnist_lenet
+from . import mnist_lenet
 
 
 def get_config():

@@ -19,7 +19,7 @@ Reads the original IDX files when a ``shared/data/mnist`` folder sits beside the
 repository (or ``idx_dir=PATH``); otherwise tfds's prepared ``mnist``.
 """
 
-from train.config import Config
+from ..config import Config
 
 
 def get_config() -> Config:

@@ -1,6 +1,6 @@
 """A small Transformer encoder reading MNIST rows as a sequence of 28 tokens; Adam, cosine schedule."""
 
-from train.config import Config
+from ..config import Config
 
 
 def get_config() -> Config:
