@@ -7,6 +7,8 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,9 @@ class Config:
   log_every_steps: int = 50
 
   def validate(self) -> Config:
+    """Checks every field's type and range; raises ValueError with a one-line message."""
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, _typed(field.name, getattr(self, field.name), _field_types()[field.name]))
     for field, choices in CHOICES.items():
       value = getattr(self, field)
       if value not in choices:
@@ -80,10 +85,70 @@ class Config:
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+  @classmethod
+  def from_json(cls, text: str, source: str | Path = "config.json") -> Config:
+    """The config a workdir's ``config.json`` holds; unknown or mistyped fields raise a one-line ValueError."""
+    try:
+      values = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{source} is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+      raise ValueError(f"{source} must hold a JSON object of config fields")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"{source} has unknown config field(s) {', '.join(map(repr, unknown))} "
+                       "(written by another version of maestro_train?)")
+    try:
+      return cls(**values).validate()
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
+
+
+def _field_types() -> dict[str, Any]:
+  return typing.get_type_hints(Config)
+
+
+_TYPE_NAMES = {int: "an int", float: "a number", bool: "True or False", str: "a string", dict: "a dict",
+               tuple: "a tuple"}
+
+
+def _type_name(kind: Any) -> str:
+  options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+  names = [_TYPE_NAMES[o] for o in options if o is not type(None)]
+  return " or ".join(names + (["None"] if type(None) in options else []))
+
+
+def _typed(name: str, value: Any, kind: Any) -> Any:
+  """``value`` as field ``name``'s declared type ``kind``, or a ValueError naming field, value and type.
+
+  Ints are accepted for floats, and lists for tuples (JSON has no tuples); nothing
+  else is converted, so ``epochs=2.5`` or ``batch_size=64.0`` is an error rather
+  than a silent truncation.
+  """
+  options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+  if value is None and type(None) in options:
+    return None
+  base = next(o for o in options if o is not type(None))
+  if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if base is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if base is tuple and isinstance(value, (list, tuple)):
+    return tuple(value)
+  if base in (str, bool, dict) and isinstance(value, base):
+    return value
+  raise ValueError(f"config: {name}={value!r} is not {_type_name(kind)}")
+
 
 # Fields whose change makes an old checkpoint unusable for this run.
 IDENTITY_FIELDS = ("dataset", "model", "model_kwargs", "factorized", "init_from", "rank_fraction", "dense_layers",
                    "batch_size", "optimizer", "seed", "sampler", "loss", "rank_quantum")
+
+# Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
+# all epochs); a resume with changed values needs --allow-changes and is recorded.
+TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
+                     "lasso", "frobenius_decay", "shrink", "shrink_threshold")
 
 
 def available() -> list[str]:
@@ -108,23 +173,27 @@ def load(name_or_path: str) -> Config:
 
 
 def override(config: Config, assignments: list[str]) -> Config:
-  """Applies ``key=value`` strings; values are Python literals (strings may be bare)."""
-  fields = {f.name: f for f in dataclasses.fields(Config)}
+  """Applies ``key=value`` strings, each parsed to the field's declared type.
+
+  Values are Python literals (strings may be bare: ``sampler=none``); a value of
+  the wrong type fails with one line naming the field, the value and the type.
+  """
+  types_ = _field_types()
   changes: dict[str, Any] = {}
   for item in assignments:
     key, sep, text = item.partition("=")
     if not sep:
       raise ValueError(f"override {item!r} is not key=value")
-    if key not in fields:
-      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+    if key not in types_:
+      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(types_)}")
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    default = getattr(config, key)
-    if isinstance(default, bool) and not isinstance(value, bool):
-      raise ValueError(f"config: {key} must be True or False, got {text!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    changes[key] = value
+    options = typing.get_args(types_[key]) or (types_[key],)
+    if str in options and not isinstance(value, str) and value is not None:
+      value = text  # A string field takes the text as written: data_dir=2024 is the folder '2024'.
+    if bool in options and isinstance(value, str) and value.lower() in ("true", "false"):
+      value = value.lower() == "true"
+    changes[key] = _typed(key, value, types_[key])
   return dataclasses.replace(config, **changes).validate()

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,13 +34,18 @@ from maestro_jax import models
 from maestro_jax import nnx as mnx
 from maestro_jax import training
 from . import config as config_lib
+from . import interrupt
 from . import report
+from . import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the train state became NaN or infinite; the newest finite checkpoint is kept."""
+
+
+Interrupted = interrupt.Interrupted
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -113,48 +119,146 @@ class Shards:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_manager(workdir: Path, config: config_lib.Config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+def _checkpoint_manager(workdir: Path, config: config_lib.Config, *, read_only: bool = False
+                        ) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save cut short by a kill leaves a temporary folder; it is ours to remove.
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
+                                         read_only=read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
                                item_names=("state", "meta"))
 
 
-def _check_identity(workdir: Path, config: config_lib.Config) -> None:
-  """Refuses a workdir whose checkpoints come from a different run configuration."""
+def _has_checkpoints(workdir: Path) -> bool:
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _check_resume(workdir: Path, config: config_lib.Config, allow_changes: bool) -> dict[str, list]:
+  """Compares ``config`` with the one the workdir's checkpoints were written with.
+
+  Returns:
+    The trajectory fields that change, ``{field: [saved, new]}`` (empty when
+    nothing is resumed or nothing changes).
+
+  Raises:
+    ValueError: an identity field differs (the checkpoints cannot be used), or a
+      trajectory field differs and ``allow_changes`` is False.
+  """
   saved_path = workdir / "config.json"
-  if not saved_path.exists():
-    return
-  saved = json.loads(saved_path.read_text())
+  if not saved_path.exists() or not _has_checkpoints(workdir):
+    return {}
+  saved = json.loads(config_lib.Config.from_json(saved_path.read_text(), saved_path).to_json())
   mine = json.loads(config.to_json())
   diffs = [f"{k}: {saved.get(k)!r} != {mine.get(k)!r}" for k in config_lib.IDENTITY_FIELDS
            if saved.get(k) != mine.get(k)]
-  if diffs and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+  if diffs:
     raise ValueError(f"workdir {workdir} holds checkpoints of another config ({'; '.join(diffs)}); "
-                     "use another workdir or pass --fresh to start over")
+                     "use another workdir or pass --fresh to delete this run's checkpoints and records")
+  changes = {k: [saved.get(k), mine.get(k)] for k in config_lib.TRAJECTORY_FIELDS if saved.get(k) != mine.get(k)}
+  if changes and not allow_changes:
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    raise ValueError(f"resuming {workdir} with a changed trajectory ({listed}); pass --allow-changes to resume "
+                     "with it anyway (recorded in config_changes.jsonl), or --fresh to start over")
+  return changes
 
 
-def restore(manager: ocp.CheckpointManager, fresh_state: dict, optimizer) -> tuple[dict, dict] | None:
-  """The latest checkpoint as ``(state, meta)``, or None when there is none.
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray(
+    [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)] or [True])))
 
-  The saved capacities are read first and a fresh state is shrunk to them, so a
-  checkpoint written after shrinking restores into the right shapes.
-  """
-  step = manager.latest_step()
-  if step is None:
-    return None
+
+def state_is_finite(state: Mapping[str, Any]) -> bool:
+  """Whether every floating-point leaf of the parameters, model state and optimizer state is finite."""
+  return bool(_all_finite({k: state[k] for k in ("params", "model_state", "opt_state") if k in state}))
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
+def _restore_step(manager, step: int, fresh_state: dict, optimizer, parts) -> tuple[dict, dict]:
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  with_opt = "opt_state" in parts
   params, opt_state, _ = maestro_jax.shrink(fresh_state["params"], meta["capacities"],
-                                            opt_state=fresh_state["opt_state"], optimizer=optimizer)
+                                            opt_state=fresh_state["opt_state"] if with_opt else None,
+                                            optimizer=optimizer if with_opt else None)
   target = dict(fresh_state, params=params, opt_state=opt_state,
                 ranks={k: jnp.asarray(v, jnp.int32) for k, v in meta["ranks"].items()})
+  target = {k: v for k, v in target.items() if k in parts}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  if with_opt:
+    args = ocp.args.StandardRestore(abstract)
+  else:  # Only what is asked for is read: a damaged optimizer file cannot block an export.
+    args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=True)
+  state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+  if not state_is_finite(state):
+    raise FloatingPointError("its state is not finite")
   return state, meta
 
 
-def _save(manager, state, meta, *, force: bool = False):
+TRAIN_PARTS = ("params", "model_state", "opt_state", "step", "ranks")
+MODEL_PARTS = ("params", "model_state", "step", "ranks")
+
+
+def restore(manager: ocp.CheckpointManager, fresh_state: dict, optimizer, *, parts=TRAIN_PARTS,
+            set_aside_in: Path | None = None) -> tuple[dict, dict] | None:
+  """The newest checkpoint that restores, as ``(state, meta)``; None when there is none.
+
+  The saved capacities are read first and a fresh state is shrunk to them, so a
+  checkpoint written after shrinking restores into the right shapes. A step
+  that does not restore (damaged, partial, not finite, a stray folder) is
+  skipped with a one-line warning that names it and why; with
+  ``set_aside_in`` (a workdir) it is moved to ``skipped_checkpoints/`` so the
+  resumed run can save that step again.
+
+  Args:
+    manager: the run's checkpoint manager.
+    fresh_state: a freshly initialized state (shapes, dtypes and shardings).
+    optimizer: the optimizer of ``fresh_state['opt_state']``.
+    parts: the state entries to read; without ``opt_state`` the optimizer state is not read.
+    set_aside_in: the workdir whose ``skipped_checkpoints/`` receives steps that do not restore.
+
+  Raises:
+    ValueError: there are checkpoints but none of them restores.
+  """
+  skipped = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = Path(manager.directory) / str(step)
+    try:
+      if not (step_dir / "_CHECKPOINT_METADATA").exists():
+        raise FileNotFoundError("not a complete checkpoint (no _CHECKPOINT_METADATA)")
+      restored = _restore_step(manager, step, fresh_state, optimizer, parts)
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with one step, an older one may be fine.
+      skipped.append((step, step_dir, e))
+      continue
+    for bad_step, bad_dir, error in skipped:
+      where = ""
+      if set_aside_in is not None:
+        where = f"; moved to {workdir_lib.set_aside(set_aside_in, bad_dir)}"
+      _warn(f"skipped checkpoint step {bad_step} ({_reason(error)}); using step {step}{where}")
+    if skipped and set_aside_in is not None:
+      manager.reload()
+    return restored
+  complete = [(s, e) for s, d, e in skipped if (d / "_CHECKPOINT_METADATA").exists()]
+  if complete:
+    listed = "; ".join(f"step {s}: {_reason(e)}" for s, e in complete[:3])
+    raise ValueError(f"no checkpoint in {manager.directory} restores ({listed}); pass --fresh to start over")
+  for bad_step, bad_dir, error in skipped:  # Only stray folders: nothing was saved, start from scratch.
+    where = f"; moved to {workdir_lib.set_aside(set_aside_in, bad_dir)}" if set_aside_in is not None else ""
+    _warn(f"skipped checkpoint step {bad_step} ({_reason(error)}){where}")
+  if skipped and set_aside_in is not None:
+    manager.reload()
+  return None
+
+
+def _save(manager, state, meta):
   manager.save(int(meta["step"]), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          meta=ocp.args.JsonSave(meta)), force=force)
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
 
 
 @dataclasses.dataclass
@@ -173,26 +277,33 @@ class Run:
     return _host_ranks(self.state)
 
 
-def load_run(workdir: str | Path) -> Run:
-  """Loads the latest checkpoint of a run, with its config, model and data.
+def load_run(workdir: str | Path, *, optimizer_state: bool = False) -> Run:
+  """Loads the newest checkpoint of a run that restores, with its config, model and data.
+
+  Args:
+    workdir: a maestro-train workdir.
+    optimizer_state: also read the optimizer state (``state['opt_state']``);
+      evaluation, sweeps and export need only parameters and model state.
 
   Raises:
     FileNotFoundError: ``workdir`` holds no config or no checkpoint.
+    ValueError: its ``config.json`` is not valid, or no checkpoint restores.
   """
   workdir = Path(workdir)
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"{workdir} is not a maestro-train workdir (no config.json)")
-  config = config_lib.Config(**json.loads((workdir / "config.json").read_text())).validate()
-  if not (workdir / "checkpoints").is_dir():  # Checked first: the manager would create the folder.
+  config = config_lib.Config.from_json((workdir / "config.json").read_text(), workdir / "config.json")
+  if not _has_checkpoints(workdir):  # Checked first: the manager would create the folder.
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
   train_src, test_src = load_data(config)
   model = build_model(config, train_src)
   fmodel, params, model_state = training.FunctionalModel.from_module(model)
   steps = data_lib.num_batches(len(train_src), config.batch_size, drop_remainder=True) * config.epochs
   optimizer = make_optimizer(config, steps)
-  manager = _checkpoint_manager(workdir, config)
+  manager = _checkpoint_manager(workdir, config, read_only=True)
   try:
-    restored = restore(manager, training.init_state(params, model_state, optimizer), optimizer)
+    restored = restore(manager, training.init_state(params, model_state, optimizer), optimizer,
+                       parts=TRAIN_PARTS if optimizer_state else MODEL_PARTS)
   finally:
     manager.close()
   if restored is None:
@@ -234,29 +345,47 @@ def single_threaded_blas():
     yield
 
 
-def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, devices=None,
-                       progress: bool = True) -> dict[str, Any]:
-  """Trains and evaluates; resumes from the latest checkpoint in ``workdir`` when there is one.
+def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, devices=None, progress: bool = True,
+                       fresh: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+  """Trains and evaluates; resumes from the newest checkpoint in ``workdir`` that restores.
+
+  SIGTERM and SIGINT (in the main thread) stop the run after the current step:
+  the state is saved once and :class:`Interrupted` is raised, whose message says
+  where the run resumes from.
 
   Args:
     config: the run configuration.
-    workdir: where checkpoints, ``metrics.jsonl``, plots and the summary go.
+    workdir: where checkpoints, ``metrics.jsonl``, plots and the summary go. A
+      non-empty folder that maestro-train did not write is refused.
     devices: devices to shard batches over (default: all).
     progress: show a progress bar.
+    fresh: first remove what maestro-train wrote in ``workdir`` (see :mod:`maestro_train.workdir`).
+    allow_changes: resume even though a trajectory field (epochs, learning rate,
+      schedule, ...; ``config.TRAJECTORY_FIELDS``) changed; the change is recorded.
 
   Returns:
     The summary dict (also written to ``workdir/summary.json``).
+
+  Raises:
+    ValueError: a bad config, a workdir of another run, or a refused change.
+    maestro_train.workdir.WorkdirError: the workdir cannot be used or is in use.
+    NonFiniteLossError: the loss or the state became NaN or infinite.
+    Interrupted: SIGTERM or SIGINT.
   """
-  with single_threaded_blas():
-    return _train_and_evaluate(config, workdir, devices, progress)
-
-
-def _train_and_evaluate(config, workdir, devices, progress) -> dict[str, Any]:
   config.validate()
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _check_identity(workdir, config)
-  (workdir / "config.json").write_text(config.to_json())
+  workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.lock(workdir), interrupt.handling(), single_threaded_blas():
+    if fresh:
+      removed = workdir_lib.clear(workdir)
+      if removed:
+        print(f"--fresh: removed {', '.join(removed)} from {workdir}")
+      workdir_lib.prepare(workdir)
+    return _train_and_evaluate(config, workdir, devices, progress, allow_changes)
+
+
+def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> dict[str, Any]:
+  changes = _check_resume(workdir, config, allow_changes)
+  workdir_lib.atomic_write_text(workdir / "config.json", config.to_json())
 
   train_src, test_src = load_data(config)
   steps_per_epoch = data_lib.num_batches(len(train_src), config.batch_size, drop_remainder=True)
@@ -279,11 +408,23 @@ def _train_and_evaluate(config, workdir, devices, progress) -> dict[str, Any]:
   manager = _checkpoint_manager(workdir, config)
 
   history: list[dict] = []
-  restored = restore(manager, state, optimizer)
+  config_changes: list[dict] = []
+  earlier_seconds = 0.0  # wall time of the earlier sessions of this run
+  restored = restore(manager, state, optimizer, set_aside_in=workdir)
   if restored is not None:
     state, meta = restored
     history = meta["history"]
+    config_changes = meta.get("config_changes", [])
+    earlier_seconds = meta.get("wall_seconds", 0.0)
     print(f"resumed from step {meta['step']} (epoch {meta['step'] / steps_per_epoch:.2f}) in {workdir}")
+    if changes:
+      config_changes.append({"step": meta["step"], "changes": changes})
+      with (workdir / "config_changes.jsonl").open("a") as f:
+        f.write(json.dumps(config_changes[-1]) + "\n")
+      print(f"resumed with changed {', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())} "
+            f"(recorded in {workdir / 'config_changes.jsonl'})")
+  # The record of every epoch lives in its checkpoint; metrics.jsonl is rewritten to match the restored one.
+  workdir_lib.write_records(workdir, history)
   state = shards.put_state(state)
   train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=config.lasso,
                                         loss=config.loss, alpha=config.alpha,
@@ -292,92 +433,129 @@ def _train_and_evaluate(config, workdir, devices, progress) -> dict[str, Any]:
   recalibrate = jax.jit(fmodel.recalibrate)
   key = jax.random.key(config.seed)
   step = int(state["step"])
-  metrics_file = (workdir / "metrics.jsonl").open("a")
+  saved_step = step if restored is not None else None
   tensorboard = report.tensorboard_writer(workdir)
+  start_time = time.perf_counter()
 
-  def meta_for(step):
-    return {"step": step, "capacities": maestro_jax.capacities(state["params"]), "ranks": _host_ranks(state),
-            "history": history}
+  def wall_seconds():
+    return earlier_seconds + time.perf_counter() - start_time
+
+  def newest_finite():
+    manager.wait_until_finished()
+    newest = manager.latest_step()
+    if newest is None:
+      return f"no checkpoint was saved; start over with a lower learning_rate or lasso (add --fresh)"
+    return (f"the newest finite checkpoint, step {newest}, is kept in {workdir / 'checkpoints'}; "
+            "start over with a lower learning_rate or lasso (add --fresh)")
+
+  def save(step):
+    """Saves the state at ``step`` once; a state that is not finite is never saved."""
+    nonlocal saved_step
+    if step == saved_step:
+      return
+    if not state_is_finite(state):
+      raise NonFiniteLossError(f"the train state is not finite at step {step}; stopped. {newest_finite()}")
+    _save(manager, state, {"step": step, "capacities": maestro_jax.capacities(state["params"]),
+                           "ranks": _host_ranks(state), "history": history, "config_changes": config_changes,
+                           "wall_seconds": round(wall_seconds(), 3)})
+    saved_step = step
 
   def check_finite(metrics, step):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      manager.wait_until_finished()
-      raise NonFiniteLossError(f"loss is {loss} at step {step}; stopped. The last good checkpoint "
-                               f"(step {manager.latest_step()}) is kept in {workdir / 'checkpoints'}. "
-                               "Try a lower learning_rate or lasso.")
+      raise NonFiniteLossError(f"loss is {loss} at step {step}; stopped. {newest_finite()}")
     return loss
 
-  start_time = time.perf_counter()
-  try:
-    for epoch in range(step // steps_per_epoch, config.epochs):
-      epoch_start = time.perf_counter()
-      start_batch = step % steps_per_epoch
-      stream = data_lib.batches(train_src, config.batch_size, seed=config.seed, epoch=epoch,
-                                start_batch=start_batch, train=True)
-      bar = tqdm(stream, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                 disable=not progress, leave=False, dynamic_ncols=True)
-      metrics = None
-      for batch in bar:
-        state, metrics = train_step(state, shards.put_batch(batch), jax.random.fold_in(key, step))
-        step += 1
-        if step % config.log_every_steps == 0:
-          loss = check_finite(metrics, step)
-          bar.set_postfix(loss=f"{loss:.4f}", acc=f"{float(metrics['accuracy']):.3f}")
-        if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
+  def stop(signum):
+    """Saves (once) and raises Interrupted with where to resume from."""
+    name = interrupt.signal.Signals(signum).name
+    if saved_step is None and step == 0:
+      raise Interrupted(signum, f"stopped by {name} before the first step; nothing to save")
+    save(step)
+    manager.wait_until_finished()
+    raise Interrupted(signum, f"stopped by {name} at step {step}; saved, rerun the same command to resume from "
+                              f"step {saved_step} ({workdir / 'checkpoints'})")
+
+  # From here on a signal only stops the run at the next step boundary, after saving.
+  with interrupt.deferred():
+    try:
+      for epoch in range(step // steps_per_epoch, config.epochs):
+        if interrupt.requested():
+          stop(interrupt.requested())
+        epoch_start = time.perf_counter()
+        start_batch = step % steps_per_epoch
+        stream = data_lib.batches(train_src, config.batch_size, seed=config.seed, epoch=epoch,
+                                  start_batch=start_batch, train=True)
+        bar = tqdm(stream, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        metrics = None
+        for batch in bar:
+          state, metrics = train_step(state, shards.put_batch(batch), jax.random.fold_in(key, step))
+          step += 1
+          if step % config.log_every_steps == 0:
+            loss = check_finite(metrics, step)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{float(metrics['accuracy']):.3f}")
+          if step % steps_per_epoch == 0:
+            continue  # The epoch's end saves, with its record.
+          if step % config.checkpoint_every_steps == 0:
+            check_finite(metrics, step)
+            save(step)
+          if interrupt.requested():
+            bar.close()
+            check_finite(metrics, step)
+            stop(interrupt.requested())
+        bar.close()
+        jax.block_until_ready(state)
+        if metrics is not None:
           check_finite(metrics, step)
-          _save(manager, state, meta_for(step))
-      bar.close()
-      jax.block_until_ready(state)
-      if metrics is not None:
-        check_finite(metrics, step)
-      train_seconds = time.perf_counter() - epoch_start
+        train_seconds = time.perf_counter() - epoch_start
 
-      old_ranks = _host_ranks(state)
-      if config.shrink and config.factorized:
-        ranks = maestro_jax.ranks_from_importance(jax.device_get(state["params"]), config.shrink_threshold,
-                                                  old_ranks)
-        if ranks != old_ranks:  # Only then is the whole state (optimizer included) brought to the host.
-          host = jax.device_get(state)
-          params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
-                                                    opt_state=host["opt_state"], optimizer=optimizer)
-          state = shards.put_state(dict(host, params=params, opt_state=opt_state,
-                                        ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
+        old_ranks = _host_ranks(state)
+        if config.shrink and config.factorized:
+          ranks = maestro_jax.ranks_from_importance(jax.device_get(state["params"]), config.shrink_threshold,
+                                                    old_ranks)
+          if ranks != old_ranks:  # Only then is the whole state (optimizer included) brought to the host.
+            host = jax.device_get(state)
+            params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
+                                                      opt_state=host["opt_state"], optimizer=optimizer)
+            state = shards.put_state(dict(host, params=params, opt_state=opt_state,
+                                          ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
 
-      eval_state = state["model_state"]
-      if config.recalibrate_batches and jax.tree.leaves(eval_state):
-        calib = _calibration_images(train_src, config, config.recalibrate_batches)
-        eval_state = recalibrate(state["params"], state["model_state"], jnp.asarray(calib), state["ranks"])
-      test = training.evaluate(eval_step, state["params"], eval_state,
-                               (shards.put_batch(b) for b in data_lib.batches(
-                                   test_src, eval_batch_size, train=False)), state["ranks"])
-      size = report.sizes(state["params"], _host_ranks(state), positions)
-      record = {"epoch": epoch + 1, "step": step, "train_loss": float(metrics["loss"]),
-                "train_task_loss": float(metrics["task_loss"]), "penalty": float(metrics["penalty"]),
-                "test_accuracy": test["accuracy"], "test_loss": test["loss"], "ranks": _host_ranks(state),
-                "params": size.params_merged, "macs": size.macs_merged, "epoch_seconds": round(train_seconds, 3)}
-      history.append(record)
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
-      report.log_record(tensorboard, record)
-      _save(manager, state, meta_for(step), force=True)
-      report.plot_history(history, initial_caps, workdir)
-      print(f"epoch {epoch + 1}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, "
-            f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
-  except KeyboardInterrupt:
-    _save(manager, state, meta_for(step), force=True)
-    manager.wait_until_finished()
-    print(f"\ninterrupted at step {step}; saved a checkpoint to resume from")
-    raise
-  finally:
-    metrics_file.close()
-    if tensorboard is not None:
-      tensorboard.close()
-    manager.wait_until_finished()
+        eval_state = state["model_state"]
+        if config.recalibrate_batches and jax.tree.leaves(eval_state):
+          calib = _calibration_images(train_src, config, config.recalibrate_batches)
+          eval_state = recalibrate(state["params"], state["model_state"], jnp.asarray(calib), state["ranks"])
+        test = training.evaluate(eval_step, state["params"], eval_state,
+                                 (shards.put_batch(b) for b in data_lib.batches(
+                                     test_src, eval_batch_size, train=False)), state["ranks"])
+        size = report.sizes(state["params"], _host_ranks(state), positions)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": float(metrics["loss"]),
+                  "train_task_loss": float(metrics["task_loss"]), "penalty": float(metrics["penalty"]),
+                  "test_accuracy": test["accuracy"], "test_loss": test["loss"], "ranks": _host_ranks(state),
+                  "params": size.params_merged, "macs": size.macs_merged,
+                  "epoch_seconds": round(train_seconds, 3)}
+        history.append(record)
+        # The record is part of the checkpoint; metrics.jsonl gets it once the checkpoint is on disk, and a
+        # resume rewrites metrics.jsonl from the restored checkpoint, so neither exists without the other.
+        save(step)
+        manager.wait_until_finished()
+        workdir_lib.append_record(workdir, record)
+        report.log_record(tensorboard, record)
+        report.plot_history(history, initial_caps, workdir)
+        print(f"epoch {epoch + 1}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, "
+              f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
 
-  ranks = _host_ranks(state)
-  summary = report.summary(config, report.sizes(state["params"], ranks, positions), full_size, history,
-                           initial_caps, ranks, wall_seconds=time.perf_counter() - start_time)
-  report.write_summary(summary, workdir)
-  manager.close()
+      ranks = _host_ranks(state)
+      summary = report.summary(config, report.sizes(state["params"], ranks, positions), full_size, history,
+                               initial_caps, ranks, wall_seconds=wall_seconds())
+      report.write_summary(summary, workdir)
+    finally:
+      if tensorboard is not None:
+        tensorboard.close()
+      manager.wait_until_finished()
+      manager.close()
+    if interrupt.requested():  # Arrived after the last epoch's checkpoint: nothing is lost.
+      signum = interrupt.requested()
+      raise Interrupted(signum, f"stopped by {interrupt.signal.Signals(signum).name} after the run finished "
+                                f"(step {step} is saved)")
   return summary
