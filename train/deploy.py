@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from maestro_jax import export as export_lib
 from maestro_jax import models
 from maestro_jax import sweep as sweep_lib
 from maestro_jax import training
-from maestro_jax._src import methods
+from . import workdir as workdir_lib
 
 DEFAULT_FRACTIONS = "0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
 
@@ -45,8 +46,20 @@ class DeployError(Exception):
 
 
 def _fail(prog: str, message: Any) -> None:
-  text = str(message.args[0]) if isinstance(message, BaseException) and message.args else str(message)
+  from .main import one_line
+
+  text = one_line(message) if isinstance(message, BaseException) else str(message)
   sys.exit(f"{prog}: error: {text}")
+
+
+def _run_cli(prog: str, work: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+  """Runs ``work(args)``; any failure is one line on stderr and exit status 1 (``--debug``: the traceback)."""
+  try:
+    return work(args)
+  except Exception as e:  # noqa: BLE001 - every failure is one line; --debug shows where it came from.
+    if args.debug:
+      traceback.print_exc()
+    _fail(prog, e)
 
 
 def _load_run(workdir: str | Path, what: str = "checkpoint"):
@@ -56,8 +69,8 @@ def _load_run(workdir: str | Path, what: str = "checkpoint"):
   if not path.exists():
     raise DeployError(f"{what} {str(workdir)!r} does not exist")
   try:
-    return train_lib.load_run(path)
-  except FileNotFoundError as e:
+    return train_lib.load_run(path)  # parameters and model state only: the optimizer state is not read
+  except (FileNotFoundError, ValueError) as e:
     raise DeployError(f"{what} {str(workdir)!r}: {e}") from None
 
 
@@ -220,13 +233,13 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     dense = {"label": "dense baseline", "accuracy": _evaluate(dense_run.model, dense_params, dense_eval_state, batches),
              "params": size.params_dense, "macs": size.macs_dense}
     # Factorized by SVD at full rank: keeping k components is the rank-k truncated SVD of each trained kernel.
-    svd_params = methods.factorize_dense_params(jax.device_get(dense_params), 1.0)
+    svd_params = maestro_jax.factorize_dense_params(jax.device_get(dense_params), 1.0)
     svd_ranks = maestro_jax.capacities(svd_params)
     svd_label = "post-hoc truncated SVD of the dense baseline"
     svd_state, svd_calib = dense_state, dense_calib
   else:
     # No dense baseline: the SVD of the Maestro model's own product at its trained ranks, truncated.
-    svd_params = methods.svd_reorthogonalize(params, ranks)
+    svd_params = maestro_jax.svd_reorthogonalize(params, ranks)
     svd_ranks = ranks
     svd_label = "post-hoc truncated SVD of the Maestro product (no dense baseline given)"
     svd_state, svd_calib = model_state, calib
@@ -259,16 +272,14 @@ def sweep_parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk-size", type=int, help="evaluate configurations in chunks of this size (less memory)")
   p.add_argument("--recalibrate-batches", type=int,
                  help="training batches for per-configuration BatchNorm recalibration (default: the run's)")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   return p
 
 
 def sweep_cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Entry point of ``maestro-sweep``."""
   args = sweep_parser().parse_args(argv)
-  try:
-    return run_sweep(args)
-  except (DeployError, ValueError) as e:
-    _fail("maestro-sweep", e)
+  return _run_cli("maestro-sweep", run_sweep, args)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -331,10 +342,16 @@ def _report_md(r: Mapping[str, Any]) -> str:
 
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
   """The work of ``maestro-export``; returns the report it writes."""
-  if args.quantum < 1:
-    raise DeployError(f"--quantum must be >= 1, got {args.quantum}")
-  run = _load_run(args.checkpoint)
+  for flag, value, least in (("--quantum", args.quantum, 1), ("--step", args.step, 1), ("--min-rank", args.min_rank, 0),
+                             ("--calibration-size", args.calibration_size, 1), ("--latency-batch", args.latency_batch, 1),
+                             ("--latency-runs", args.latency_runs, 1), ("--budget-macs", args.budget_macs, 1),
+                             ("--budget-params", args.budget_params, 1), ("--chunk-size", args.chunk_size, 1)):
+    if value is not None and value < least:  # Refused before any work.
+      raise DeployError(f"{flag} must be >= {least}, got {value}")
   out = Path(args.out or Path(args.checkpoint) / "export")
+  if out.exists() and not out.is_dir():
+    raise DeployError(f"--out {out} is a file, not a folder")
+  run = _load_run(args.checkpoint)
   params, model_state = run.state["params"], run.state["model_state"]
   caps = maestro_jax.capacities(params)
   trained = run.ranks
@@ -400,10 +417,11 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
                   "dense_s": dense_s, "speedup": dense_s / exported_s if exported_s > 0 else None},
       "greedy": greedy,
   }
+  # The model folder is replaced atomically, then each report file: a failure leaves the previous export whole.
   export_lib.save_exported(out / "model", eparams, estate, report)
-  (out / "report.json").write_text(json.dumps(report, indent=2, default=export_lib.json_default))
+  workdir_lib.atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=export_lib.json_default))
   md = _report_md(report)
-  (out / "report.md").write_text(md)
+  workdir_lib.atomic_write_text(out / "report.md", md)
   print(md)
   print(f"wrote {out / 'model'}, {out / 'report.md'}")
   return report
@@ -425,16 +443,14 @@ def export_parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk-size", type=int, help="evaluate greedy candidates in chunks of this size")
   p.add_argument("--latency-batch", type=int, default=64, help="batch size of the latency measurement")
   p.add_argument("--latency-runs", type=int, default=20, help="timed runs (the median is reported)")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   return p
 
 
 def export_cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Entry point of ``maestro-export``."""
   args = export_parser().parse_args(argv)
-  try:
-    return run_export(args)
-  except (DeployError, ValueError) as e:
-    _fail("maestro-export", e)
+  return _run_cli("maestro-export", run_export, args)
 
 
 def sweep_main() -> None:

@@ -25,7 +25,7 @@ class Interrupted(KeyboardInterrupt):
 
   def __init__(self, signum: int, message: str | None = None):
     name = signal.Signals(signum).name
-    super().__init__(message or f"stopped by {name}; nothing to save")
+    super().__init__(message or f"stopped by {name} before training started; nothing to save")
     self.signum = signum
     self.exit_code = 128 + signum
 
