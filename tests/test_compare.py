@@ -86,6 +86,17 @@ def test_plot_and_json_families(small_run):
   assert "layers.0" not in puff["ranks"] and puff["point"]["params"] < methods["dense"]["point"]["params"]
   assert methods["spectral"]["config"]["frobenius_decay"] == compare.FROBENIUS_DECAY
   assert methods["spectral"]["config"]["weight_decay"] == 0.0
+  # Every method's exact config is in the results, and each run's own fields are in the table.
+  (setting,) = compare.make_settings(["digits"], epochs=EPOCHS, small=True, out=out)
+  configs = compare.method_configs(setting, {"pufferfish_warmup": out / "digits" / "pufferfish_warmup"})
+  for name in ("dense", "maestro", "decomposable", "pufferfish", "spectral"):
+    assert methods[name]["config"] == json.loads(configs[name].to_json()), name
+  assert puff["warmup_config"] == json.loads(configs["pufferfish_warmup"].to_json())
+  assert methods["svd"]["config"] == methods["dense"]["config"] and methods["svd"]["truncates"] == "dense"
+  text = (out / "comparison.md").read_text()
+  assert "### Configs run on digits" in text
+  assert any(line.startswith("| Maestro | ") and "`sampler=single_layer`" in line and "`loss=maestro`" in line
+             for line in text.splitlines())
 
 
 @pytest.mark.parametrize("dense_layers", [(), ("layers.0",)])
@@ -163,3 +174,50 @@ def test_method_configs_follow_the_brief(tmp_path):
   assert (s.sampler, s.lasso, s.shrink, s.weight_decay, s.frobenius_decay) == ("none", 0.0, False, 0.0, 1e-4)
   for c in configs.values():
     assert isinstance(c, config_lib.Config) and c.learning_rate == 0.02 and c.schedule in ("cosine", "constant")
+
+
+def _lenet_setting(tmp_path):
+  """The MNIST setting's configs without reading any data (the base is ``mnist_lenet``, which distills)."""
+  base = dataclasses.replace(config_lib.load("mnist_lenet"), idx_dir=str(tmp_path), lasso=0.0)
+  return compare.Setting("mnist", base, maestro_lasso=3e-4, first_layer="conv1", description="LeNet-5")
+
+
+def test_every_method_names_its_loss_whatever_the_base(tmp_path):
+  setting = _lenet_setting(tmp_path)
+  assert setting.base.loss == "distill"  # would leak two-pass distillation into every method otherwise
+  configs = compare.method_configs(setting, {"pufferfish_warmup": tmp_path / "warm"})
+  assert {name: c.loss for name, c in configs.items()} == {
+      "dense": "maestro", "maestro": "maestro", "decomposable": "decomposable", "pufferfish_warmup": "maestro",
+      "pufferfish": "maestro", "spectral": "maestro"}
+  m = configs["maestro"]
+  assert (m.sampler, m.loss, m.lasso, m.shrink, m.factorized) == ("single_layer", "maestro", 3e-4, True, True)
+
+
+def test_markdown_states_every_run_config(tmp_path):
+  setting = _lenet_setting(tmp_path)
+  configs = compare.method_configs(setting, {"pufferfish_warmup": tmp_path / "warm"})
+  as_dict = {name: compare._config_dict(c) for name, c in configs.items()}  # pylint: disable=protected-access
+  point = {"setting": "trained", "fraction": 1.0, "accuracy": 0.5, "params": 10, "macs": 10}
+  methods = {}
+  for method in compare.METHODS:
+    run = "dense" if method == "svd" else method
+    methods[method] = {"label": compare.LABELS[method], "config": as_dict[run], "point": point, "family": [point],
+                       "train_seconds": 1.0}
+  methods["pufferfish"]["warmup_config"] = as_dict["pufferfish_warmup"]
+  results = {"small": False, "epochs": 10, "fractions": [1.0], "rank_fraction": 0.25, "warmup_epochs": 2,
+             "maestro_lasso": {"mnist": 3e-4}, "wall_seconds": 1.0,
+             "datasets": {"mnist": {"description": "LeNet-5", "methods": methods}}}
+  text = compare.format_markdown(results)
+  shared = next(line for line in text.splitlines() if line.startswith("Shared by every run: "))
+  rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and " | `" in line}
+  assert set(rows) == {"Dense", "Maestro", "Decomposable-Net", "Pufferfish (dense warm-up)", "Pufferfish",
+                       "Spectral init + Frobenius decay"}
+  for label, run in (("Dense", "dense"), ("Maestro", "maestro"), ("Decomposable-Net", "decomposable"),
+                     ("Pufferfish (dense warm-up)", "pufferfish_warmup"), ("Pufferfish", "pufferfish"),
+                     ("Spectral init + Frobenius decay", "spectral")):
+    stated = dict(item.strip("`").split("=", 1) for item in re.findall(r"`[^`]+`", shared + rows[label]))
+    omitted = set(compare.BOOKKEEPING_FIELDS)
+    assert set(stated) == set(as_dict[run]) - omitted, label  # every field, once
+    for key in ("loss", "sampler", "lasso", "shrink", "factorized", "epochs", "weight_decay", "frobenius_decay"):
+      assert stated[key] == compare._format_value(as_dict[run][key]), (label, key)  # pylint: disable=protected-access
+  assert "`loss=maestro`" in rows["Maestro"] and "`sampler=single_layer`" in rows["Maestro"]

@@ -6,8 +6,9 @@ variation run by :func:`maestro_train.train.train_and_evaluate` in its own workd
 ``OUT/<dataset>/<method>``:
 
 1. ``dense``: the plain LeNet-5 (``factorized=False``).
-2. ``maestro``: ordered dropout (``sampler='single_layer'``), hierarchical group
-   lasso and progressive shrinking.
+2. ``maestro``: ordered dropout (``sampler='single_layer'``) with the paper's
+   loss (``loss='maestro'``: the sampled model on the labels, one forward pass),
+   hierarchical group lasso and progressive shrinking.
 3. ``decomposable``: Decomposable-Net, a global share ``Z ~ U(0.01, 1)`` of all
    components kept per step by singular value, loss
    ``(1 - alpha) L_full + alpha L_low`` with ``alpha = 0.5``; no lasso, no shrinking.
@@ -22,6 +23,13 @@ variation run by :func:`maestro_train.train.train_and_evaluate` in its own workd
 All training runs share the optimizer (SGD, momentum 0.9, batch 128, learning
 rate 0.02 with a cosine schedule, coupled weight decay 1e-4) and the number of
 epochs; Pufferfish's warm-up plus fixed-rank phase add up to the same number.
+Every method sets its own ``loss`` (``'decomposable'`` for Decomposable-Net,
+``'maestro'`` for all others, which without a sampler is plain cross-entropy of
+the full model), so a base config's loss (``mnist_lenet`` distills) never leaks
+into a method. The exact config of every run is stated: in
+``comparison.json`` (``config`` per method, every field), in the console
+(the fields that differ from the base when a run starts) and in
+``comparison.md`` (the fields shared by all runs, then each run's own).
 
 Per method it reports the final test accuracy, the parameters and MACs of the
 deployable model (:mod:`maestro_jax.accounting`'s merged form: per layer, the
@@ -227,11 +235,14 @@ def method_configs(setting: Setting, workdirs: dict[str, Path], *,
   """
   base = setting.base
   warm = warmup_epochs(base.epochs)
-  plain = dict(lasso=0.0, shrink=False)
+  # Every run names its loss: the base's (mnist_lenet distills) must not decide any method's.
+  plain = dict(lasso=0.0, shrink=False, loss="maestro")
   configs = {
       "dense": dataclasses.replace(base, factorized=False, sampler="none", **plain),
-      "maestro": dataclasses.replace(base, sampler="single_layer", lasso=setting.maestro_lasso, shrink=True),
-      "decomposable": dataclasses.replace(base, sampler="decomposable", loss="decomposable", alpha=0.5, **plain),
+      "maestro": dataclasses.replace(base, sampler="single_layer", loss="maestro", lasso=setting.maestro_lasso,
+                                     shrink=True),
+      "decomposable": dataclasses.replace(base, sampler="decomposable", **dict(plain, loss="decomposable"),
+                                          alpha=0.5),
       "pufferfish_warmup": dataclasses.replace(base, factorized=False, sampler="none", epochs=warm,
                                                schedule="constant", **plain),
       "pufferfish": dataclasses.replace(base, init_from=str(Path(workdirs["pufferfish_warmup"]).resolve()),
@@ -272,12 +283,47 @@ def _config_dict(config: config_lib.Config) -> dict:
   return json.loads(config.to_json())
 
 
+# Fields that change no result (how often to log and checkpoint); left out of the tables, kept in the JSON.
+BOOKKEEPING_FIELDS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "download")
+
+
+def _format_value(value: Any) -> str:
+  """As a ``maestro-train`` override would spell it (Python literals, bare strings)."""
+  return f"{value:g}" if isinstance(value, float) else value if isinstance(value, str) else repr(value)
+
+
+def config_changes(config: dict, base: dict) -> str:
+  """``key=value`` for every field of ``config`` (a config dict) that differs from ``base``, in field order."""
+  return " ".join(f"{k}={_format_value(v)}" for k, v in config.items()
+                  if k not in BOOKKEEPING_FIELDS and base.get(k) != v) or "(the base config)"
+
+
+def config_table(runs: dict[str, dict]) -> list[str]:
+  """Markdown lines stating every run's exact config: the fields all runs share, then each run's own.
+
+  Args:
+    runs: ``{run label: config dict}`` (as stored in ``comparison.json``).
+  """
+  fields = [k for k in next(iter(runs.values())) if k not in BOOKKEEPING_FIELDS]
+  shared = {k: v for k, v in next(iter(runs.values())).items()
+            if k in fields and all(c.get(k) == v for c in runs.values())}
+  lines = ["Shared by every run: " + " ".join(f"`{k}={_format_value(v)}`" for k, v in shared.items()), "",
+           "| run | its own config fields |", "|---|---|"]
+  for label, config in runs.items():
+    own = " ".join(f"`{k}={_format_value(config[k])}`" for k in fields if k not in shared)
+    lines.append(f"| {label} | {own} |")
+  return lines
+
+
 def train_run(config: config_lib.Config, workdir: Path, *, log: Callable[[str], None] = print,
               verbose: bool = False) -> dict[str, Any]:
   """Trains one run (or reuses a finished one with the same config); returns its summary and train seconds.
 
   A workdir without a finished record of the same config is cleared first,
-  so that the wall time covers one whole, uninterrupted training run.
+  so that the wall time covers one whole, uninterrupted training run. The
+  run's console output goes to ``<workdir>.log`` beside the workdir, which
+  holds only what the runner writes (it refuses a folder with other files)
+  plus, once finished, this command's record.
   """
   done = workdir / _DONE_FILE
   if done.exists():
@@ -287,9 +333,9 @@ def train_run(config: config_lib.Config, workdir: Path, *, log: Callable[[str], 
       return dict(record, reused=True)
   if workdir.exists():
     shutil.rmtree(workdir)
-  workdir.mkdir(parents=True)
+  workdir.parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  with open(workdir / "train.log", "w") as log_file:
+  with open(workdir.parent / f"{workdir.name}.log", "w") as log_file:
     stream = sys.stdout if verbose else _EpochEcho(log_file, log)
     with contextlib.redirect_stdout(stream):
       summary = train_lib.train_and_evaluate(config, workdir, progress=verbose)
@@ -375,10 +421,13 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
   def header(method: str, what: str):
     log(f"[{setting.dataset}] ({order.index(method) + 1}/{len(order)}) {LABELS[method]}: {what}")
 
+  base = _config_dict(setting.base)
+
   def trained(name: str, method: str) -> tuple[dict, train_lib.Run]:
     config = configs[name]
     header(method, f"training {config.epochs} epochs{' (dense warm-up)' if name == 'pufferfish_warmup' else ''} "
                    f"in {workdirs[name]}")
+    log(f"      config: {config_changes(_config_dict(config), base)}")
     record = train_run(config, workdirs[name], log=log, verbose=verbose)
     return record, train_lib.load_run(workdirs[name])
 
@@ -411,7 +460,8 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
   share = "full rank" if rank_fraction is None else f"rank {100 * rank_fraction:g}%"
   point = _point(record, run, f"{share}, {setting.first_layer} dense")
   puff = entry(record, "pufferfish", point=point, family=[point], ranks=run.ranks,
-               warmup_epochs=configs["pufferfish_warmup"].epochs, warmup_seconds=warm_record["train_seconds"])
+               warmup_epochs=configs["pufferfish_warmup"].epochs, warmup_seconds=warm_record["train_seconds"],
+               warmup_config=warm_record["config"])
   puff["train_seconds"] = round(warm_record["train_seconds"] + record["train_seconds"], 2)
   puff["reused"] = puff["reused"] or warm_record.get("reused", False)
   finish("pufferfish", puff)
@@ -421,12 +471,13 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
   headline = min(family, key=lambda q: abs(q["fraction"] - (rank_fraction or 1.0)))
   finish("svd", {"point": headline, "family": family, "svd_seconds": round(svd_seconds, 3),
                  "train_seconds": round(results["dense"]["train_seconds"] + svd_seconds, 2),
-                 "reused": results["dense"]["reused"], "workdir": str(workdirs["dense"])})
+                 "reused": results["dense"]["reused"], "workdir": str(workdirs["dense"]),
+                 "config": results["dense"]["config"], "truncates": "dense"})
 
   record, run = trained("spectral", "spectral")
   point = _point(record, run, "full rank")
   finish("spectral", entry(record, "spectral", point=point, family=[point]))
-  return {"description": setting.description, "methods": {m: results[m] for m in METHODS}}
+  return {"description": setting.description, "base_config": base, "methods": {m: results[m] for m in METHODS}}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -443,6 +494,18 @@ def _rows(results: dict[str, Any]):
         yield dataset, r["label"], setting, q, r["train_seconds"]
 
 
+def method_runs(methods: dict[str, Any]) -> dict[str, dict]:
+  """``{run label: config dict}`` of every training run of one dataset (Pufferfish's warm-up included)."""
+  runs = {}
+  for method, r in methods.items():
+    if method == "svd":
+      continue
+    if "warmup_config" in r:
+      runs[f"{r['label']} (dense warm-up)"] = r["warmup_config"]
+    runs[r["label"]] = r["config"]
+  return runs
+
+
 def format_markdown(results: dict[str, Any]) -> str:
   """``comparison.md``: a header per dataset setting and one table of every method's models."""
   lines = ["# Maestro vs related low-rank methods", ""]
@@ -453,8 +516,10 @@ def format_markdown(results: dict[str, Any]) -> str:
     lines.append(f"- **{dataset}**: {entry['description']}; Maestro lambda {results['maestro_lasso'][dataset]:g}")
   lines += [
       "",
-      "All training runs: SGD momentum 0.9, learning rate 0.02 with cosine decay, weight decay 1e-4, seed 0. "
-      "Maestro: single-layer ordered dropout, group lasso, shrinking every epoch. Decomposable-Net: "
+      "All training runs: SGD momentum 0.9, learning rate 0.02 with cosine decay, weight decay 1e-4, seed 0 (every run's "
+      "exact config is listed below the table). "
+      "Maestro: single-layer ordered dropout, the paper's loss (the sampled model on the labels), group lasso, "
+      "shrinking every epoch. Decomposable-Net: "
       f"global ratio Z ~ U(0.01, 1) per step, alpha 0.5. Pufferfish: {results['warmup_epochs']} dense warm-up "
       f"epoch(s) at a constant learning rate, then rank fraction {results['rank_fraction']} with the first layer "
       "dense. Spectral: factors from the SVD of a dense init, Frobenius decay "
@@ -472,6 +537,11 @@ def format_markdown(results: dict[str, Any]) -> str:
   for dataset, label, setting, q, seconds in _rows(results):
     lines.append(f"| {dataset} | {label} | {setting} | {100 * q['accuracy']:.2f} | {q['params']:,} | "
                  f"{q['macs']:,} | {seconds:.1f} |")
+  for dataset, entry in results["datasets"].items():
+    lines += ["", f"### Configs run on {dataset}", "",
+              "Every config field of every training run (post-hoc SVD trains nothing: it truncates the Dense "
+              "run); logging and checkpoint intervals left out, `comparison.json` has those too.", ""]
+    lines += config_table(method_runs(entry["methods"]))
   reused = sum(r.get("reused", False) for e in results["datasets"].values() for r in e["methods"].values())
   lines += ["", f"Wall time of this invocation of the command: {results['wall_seconds']:.0f} s"
             + (f" ({reused} method(s) reused finished runs from an earlier invocation)." if reused else ".")]
