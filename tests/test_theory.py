@@ -4,6 +4,11 @@ Every run uses plain SGD on a single factorized dense layer with random (not SVD
 keep counts drawn per step by ``single_layer`` from a PRNG key, and the whole run as one
 ``jax.lax.scan`` inside one ``jax.jit``. The loss is the plain mean squared error over all
 entries (``jnp.mean``), which keeps SGD with lr 0.5 stable for these problem sizes.
+
+Tolerances: each bound was set from the value measured on this code (2-core CPU, float32;
+the runs are deterministic given their seeds) with a margin of about 3-5x, and the measured
+value is written beside it, so a regression of a few times shows. Lower bounds (the
+contrasts: "is not ordered", "differs") sit at 1/2 to 1/3 of the measured value.
 """
 
 import jax
@@ -82,11 +87,13 @@ def test_svd_recovery():
 
   for k in (1, 2, 3):
     err = _rel(_prefix(params, k), _truncated(a_true, k))
-    assert err < 0.01, (k, err)
+    assert err < 1e-3, (k, err)  # measured 2.5e-4, 1.2e-4, 3.3e-4
   scales = np.linalg.norm(params["a"], axis=0) * np.linalg.norm(params["b"], axis=1)
-  np.testing.assert_allclose(scales[:3], s_true[:3], atol=0.1)
-  assert np.all(scales[3:] < 0.15), scales
-  np.testing.assert_allclose(np.asarray(mj.component_scales(params)), scales, rtol=1e-4, atol=1e-6)
+  # Measured |error| 8.7e-6, 3.1e-4, 7.5e-4 (the paper asks for about 0.1).
+  np.testing.assert_allclose(scales[:3], s_true[:3], rtol=0, atol=2.5e-3)
+  assert np.all(scales[3:] < 0.07), scales  # spurious components: measured 0.008, 0.018, 0.023
+  # The library's component scales are these norms (measured difference 3.5e-7, float32 rounding).
+  np.testing.assert_allclose(np.asarray(mj.component_scales(params)), scales, rtol=0, atol=1.5e-6)
 
 
 def test_svd_recovery_with_group_lasso_finds_the_rank():
@@ -98,9 +105,12 @@ def test_svd_recovery_with_group_lasso_finds_the_rank():
   params = mj.init(jax.random.key(1), (9, 6), method="random", use_bias=False)
   params = _train(params, x, a_true, seed=2, lasso=1e-3)
   scales = np.asarray(mj.component_scales(params))
-  np.testing.assert_allclose(scales[:3], s_true[:3], atol=0.1)  # the penalty biases them only slightly
+  # The penalty shrinks them slightly (measured 0.008, 0.022, 0.071 below the true values): a
+  # systematic bias, not noise, so the bounds sit 1.4-4x above it.
+  assert np.all(scales[:3] < s_true[:3]), (scales, s_true)
+  assert np.all(s_true[:3] - scales[:3] < [0.03, 0.07, 0.1]), (scales, s_true)
   s = np.asarray(mj.layer_importance(params))
-  assert s[2] > 1.0 and np.all(s[3:] < 1e-3), s
+  assert s[2] > 1.0 and np.all(s[3:] < 3e-6), s  # measured s_2 = 1.75 and a tail of 5.5e-7
   assert mj.ranks_from_importance({"fc": params}, 1e-3) == {"fc": 3}
 
 
@@ -110,8 +120,8 @@ def test_without_ordered_dropout_components_are_not_ordered():
   a_true, x = _svd_problem()
   params = mj.init(jax.random.key(1), (9, 6), method="random", use_bias=False)
   params = _train(params, x, a_true, sampler=mj.none(), steps=2000, seed=2)
-  assert _rel(_prefix(params, 6), a_true) < 0.01
-  assert _rel(_prefix(params, 1), _truncated(a_true, 1)) > 0.3
+  assert _rel(_prefix(params, 6), a_true) < 3e-6  # measured 6.7e-7
+  assert _rel(_prefix(params, 1), _truncated(a_true, 1)) > 0.3  # measured 0.85
 
 
 # ------------------------------------------------------------------------------------------ (b) PCA
@@ -134,22 +144,25 @@ def test_pca_every_prefix_spans_top_principal_subspace():
   # Untied linear autoencoder 8 -> 4 -> 8: encoder A (8, 4), decoder B (4, 8).
   params = mj.init(jax.random.key(4), (8, 8), rank=4, method="random", use_bias=False)
   params = _train(params, data, data, seed=5)
+  # Measured: sines and projection errors about 2e-6 for k = 1..3; for k = 4 (whose component
+  # has the smallest gradient signal) encoder 6.1e-4, decoder 4.1e-5, projection 6.1e-4.
+  tolerance = {1: 1e-5, 2: 1e-5, 3: 1e-5, 4: 2e-3}
   for k in (1, 2, 3, 4):
     top = eigvec[:, :k]
     enc = _max_sin_angle(params["a"][:, :k], top)
     dec = _max_sin_angle(params["b"][:k].T, top)
-    assert enc < 0.05 and dec < 0.05, (k, enc, dec)
+    assert enc < tolerance[k] and dec < tolerance[k], (k, enc, dec)
     # The prefix map is the orthogonal projection onto the top-k principal subspace.
     proj = np.linalg.norm(_prefix(params, k) - top @ top.T, 2)
-    assert proj < 0.05, (k, proj)
+    assert proj < tolerance[k], (k, proj)
 
 
 def test_pca_without_ordered_dropout_only_the_full_span_is_principal():
   data, _, eigvec = _pca_problem()
   params = mj.init(jax.random.key(4), (8, 8), rank=4, method="random", use_bias=False)
   params = _train(params, data, data, sampler=mj.none(), steps=3000, seed=5)
-  assert _max_sin_angle(params["b"][:4].T, eigvec[:, :4]) < 0.05
-  assert max(_max_sin_angle(params["b"][:k].T, eigvec[:, :k]) for k in (1, 2, 3)) > 0.3
+  assert _max_sin_angle(params["b"][:4].T, eigvec[:, :4]) < 4e-6  # measured 7.8e-7
+  assert max(_max_sin_angle(params["b"][:k].T, eigvec[:, :k]) for k in (1, 2, 3)) > 0.3  # measured 0.90
 
 
 # --------------------------------------------------------------------------- (c) non-isotropic inputs
@@ -176,14 +189,15 @@ def test_order_follows_data_weighted_importance():
   for k in (1, 2, 3):
     weighted = np.linalg.inv(root) @ _truncated(root @ a_true, k)  # the optimum under this data
     plain = _truncated(a_true, k)
-    assert _rel(_prefix(params, k), weighted) < 0.01, k
+    assert _rel(_prefix(params, k), weighted) < 1e-3, k  # measured 3.6e-7, 3.3e-4, 2.9e-5
     if k < 3:
       assert _rel(weighted, plain) > 0.5  # the two orders really differ here ...
       assert _rel(_prefix(params, k), plain) > 0.5  # ... and the learned one is not the plain one
   a, b = params["a"], params["b"]
   data_scales = np.linalg.norm(root @ a, axis=0) * np.linalg.norm(b, axis=1)
   plain_scales = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=1)
-  np.testing.assert_allclose(data_scales, [2.0, 1.5, 1.2], atol=0.05)  # ordered by data-weighted importance
-  np.testing.assert_allclose(plain_scales, [2.0, 1.0, 3.0], atol=0.05)  # not by plain singular value
+  # Measured errors of both below 4.4e-7 (float32 rounding of values near 2).
+  np.testing.assert_allclose(data_scales, [2.0, 1.5, 1.2], rtol=0, atol=2e-6)  # ordered by data-weighted importance
+  np.testing.assert_allclose(plain_scales, [2.0, 1.0, 3.0], rtol=0, atol=2e-6)  # not by plain singular value
   # Component k lives on input axis 1, 2, 0 in turn.
   assert list(np.argmax(np.abs(a[:3]), axis=0)) == [1, 2, 0]
