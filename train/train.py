@@ -373,6 +373,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, device
     Interrupted: SIGTERM or SIGINT.
   """
   config.validate()
+  if fresh:  # Before anything is written: --fresh on a folder of one's own is refused as such.
+    workdir_lib.check_clearable(Path(workdir))
   workdir = workdir_lib.prepare(workdir)
   with workdir_lib.lock(workdir), interrupt.handling(), single_threaded_blas():
     if fresh:

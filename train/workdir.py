@@ -105,21 +105,25 @@ def lock(path: Path) -> Iterator[None]:
     os.close(fd)
 
 
+def check_clearable(path: Path) -> None:
+  """Raises WorkdirError unless ``path`` is missing, empty or a maestro-train workdir (what --fresh may clear)."""
+  if not path.exists():
+    return
+  if not path.is_dir():
+    raise WorkdirError(f"--fresh: {path} is a file, not a workdir")
+  if not is_workdir(path) and not _is_legacy_workdir(path) and any(p.name != LOCK for p in path.iterdir()):
+    raise WorkdirError(f"--fresh: {path} is not a maestro-train workdir (no {MARKER} file); nothing was removed")
+
+
 def clear(path: Path) -> list[str]:
   """Removes what maestro-train wrote in workdir ``path`` (see :data:`OWNED`) and returns the names removed.
 
   Raises:
     WorkdirError: ``path`` exists but is not a maestro-train workdir.
   """
-  if not path.exists():
+  check_clearable(path)
+  if not path.exists() or not is_workdir(path) and not _is_legacy_workdir(path):
     return []
-  if not path.is_dir():
-    raise WorkdirError(f"--fresh: {path} is a file, not a workdir")
-  if not is_workdir(path) and not _is_legacy_workdir(path):
-    if not any(path.iterdir()):
-      return []
-    raise WorkdirError(f"--fresh: {path} is not a maestro-train workdir (no {MARKER} file); "
-                       "nothing was removed")
   removed = []
   for name in OWNED:
     entry = path / name
