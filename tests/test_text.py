@@ -157,6 +157,10 @@ def test_train_batches_are_seeded_windows_of_the_text(source):
   same = list(text.train_batches(source, batch, length, seed=3, epoch=1, **ONE_HOST))
   for a, b in zip(epoch, same):
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  # Window edges move from epoch to epoch.
+  offsets = {int(next(text.train_batches(source, batch, length, seed=3, epoch=e, **ONE_HOST))["index"][0]) % length
+             for e in range(5)}
+  assert len(offsets) > 1
   for other in (dict(seed=4, epoch=1), dict(seed=3, epoch=2)):
     first = next(text.train_batches(source, batch, length, **other, **ONE_HOST))
     assert not np.array_equal(first["index"], epoch[0]["index"])
