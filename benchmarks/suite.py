@@ -204,9 +204,9 @@ def bench_train_step_vs_dense(s: Settings) -> dict[str, Any]:
     dense = _build(name, shape, factorized=False, **spec["kwargs"])
     fmodel, params, model_state = _build(name, shape, factorized=True, **spec["kwargs"])
     shrunk, _, _ = maestro_jax.shrink(params, _fraction_ranks(params, 0.25))
-    sampler = maestro_jax.single_layer()
+    sampler = maestro_jax.samplers.single_layer()
     variants = {
-        "dense": _stepper(*dense, opt, data, sampler=maestro_jax.none(), lasso=0.0),
+        "dense": _stepper(*dense, opt, data, sampler=maestro_jax.samplers.none(), lasso=0.0),
         "maestro_full_rank": _stepper(fmodel, params, model_state, opt, data, sampler=sampler, lasso=LASSO),
         "maestro_shrunk_25": _stepper(fmodel, shrunk, model_state, opt, data, sampler=sampler, lasso=LASSO),
     }
@@ -286,7 +286,7 @@ def _shrink_events(records: list[dict], initial_caps: Mapping[str, int], quantum
   for i, record in enumerate(records):
     new_ranks = {k: int(v) for k, v in record["ranks"].items()}
     if new_ranks != ranks:
-      new_caps = {k: shrink_lib.round_up(new_ranks[k], quantum, caps[k]) for k in caps}
+      new_caps = {k: shrink_lib.round_up_rank(new_ranks[k], quantum, caps[k]) for k in caps}
       events.append({"epoch": record["epoch"], "capacity_changed": new_caps != caps,
                      "before_last_epoch": i < len(records) - 1, "capacities": new_caps})
       caps = new_caps
@@ -535,7 +535,7 @@ def bench_freezing(s: Settings) -> dict[str, Any]:
                  "same factorized step, nothing frozen",
                  ["model", "frozen", "median ms/step", "time ratio", "FLOP ratio"])
   opt = _optimizer()
-  sampler = maestro_jax.single_layer()
+  sampler = maestro_jax.samplers.single_layer()
   for name in s.aux_models:
     data = _batch(MNIST_SHAPE, s.batch)
     fmodel, params, model_state = _build(name, MNIST_SHAPE, factorized=True)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maestro_jax import nnx as mnnx
+from maestro_jax._src import kinds
+from maestro_jax._src import rules
 from maestro_jax._src import tree
 
 __all__ = ["LayerCount", "Report", "count", "layer_positions", "format_table"]
@@ -46,7 +48,7 @@ class LayerCount:
 
   Attributes:
     name: dotted layer name.
-    kind: ``'linear'`` or ``'conv'``.
+    kind: ``'dense'`` or ``'conv'`` (see :data:`maestro_jax.kinds.KINDS`).
     factorized: whether the layer is stored as factors ``A``, ``B``.
     kernel_shape: shape of the (equivalent) dense kernel.
     d_in: input size of the matrix view, ``prod(kernel_shape[:-1])`` (for an
@@ -196,11 +198,12 @@ def _layer_count(name: str, node: Mapping, factorized: bool, keep: int | None, p
     kernel_shape = tuple(node["kernel"].shape)
     capacity = keep = None
   d_in, d_out = dims if dims is not None else (_size(kernel_shape[:-1]), int(kernel_shape[-1]))
-  kind = "conv" if len(kernel_shape) == 4 else "linear"
+  # A plain DenseGeneral kernel (3-D and more) has no factorized kind; it is counted as its matrix view.
+  kind = (kinds.find_kind(node) or kinds.KINDS["dense"]).name
   dense_w = _size(kernel_shape)
   if factorized:
-    fact_w = (d_in + d_out) * keep
-    merged_as = "dense" if fact_w >= dense_w else "factorized"
+    fact_w = rules.factorized_weights(d_in, d_out, keep)
+    merged_as = "dense" if rules.should_merge(d_in, d_out, keep) else "factorized"
   else:
     fact_w, merged_as = dense_w, "dense"
   merged_w = dense_w if merged_as == "dense" else fact_w

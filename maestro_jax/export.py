@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import time
 import types
@@ -43,6 +42,8 @@ from flax import nnx
 from maestro_jax import nnx as mnnx
 from maestro_jax import training
 from maestro_jax._src import factorized as core
+from maestro_jax._src import kinds
+from maestro_jax._src import rules
 from maestro_jax._src import shrink as shrink_lib
 from maestro_jax._src import tree
 
@@ -54,17 +55,10 @@ PyTree = Any
 MERGE_MODES = ("auto", "all", "none")
 _FORMAT = "maestro_jax.export/1"
 
+should_merge = rules.should_merge
+
 
 # --------------------------------------------------------------------------------------------- export
-
-
-def should_merge(d_in: int, d_out: int, rank: int) -> bool:
-  """Whether a layer is deployed as one dense kernel: ``(d_in + d_out) * rank >= d_in * d_out``."""
-  return (d_in + d_out) * rank >= d_in * d_out
-
-
-def _dims(layer: Mapping) -> tuple[int, int]:
-  return int(math.prod(layer["a"].shape[:-1])), int(layer["b"].shape[-1])
 
 
 def _merge_decisions(params: PyTree, ranks: Mapping[str, int], merge: str, dense: Iterable[str]) -> dict[str, bool]:
@@ -73,7 +67,7 @@ def _merge_decisions(params: PyTree, ranks: Mapping[str, int], merge: str, dense
   layers = tree.factorized_layers(params)
   dense = set(dense)
   tree.check_names(dense, layers, "layers in dense")
-  decide = {"auto": lambda n, l: should_merge(*_dims(l), ranks[n]), "all": lambda n, l: True,
+  decide = {"auto": lambda n, l: rules.should_merge(*kinds.matrix_dims(l), ranks[n]), "all": lambda n, l: True,
             "none": lambda n, l: False}[merge]
   return {name: name in dense or decide(name, layer) for name, layer in layers.items()}
 
@@ -106,8 +100,8 @@ def export(params: PyTree, ranks: Mapping[str, int] | None = None, *, merge: str
   def one(name: str, layer: Mapping) -> dict:
     if merged[name]:
       extra = {k: v for k, v in layer.items() if k not in ("a", "b", "bias")}
-      return {**extra, **core.merge(layer, ranks[name])}
-    return core.truncate(layer, ranks[name])
+      return {**extra, **core.merge_layer(layer, ranks[name])}
+    return core.truncate_layer(layer, ranks[name])
 
   return tree.map_layers(one, params)
 
@@ -279,25 +273,51 @@ def save_exported(path: str | Path, params: PyTree, model_state: PyTree | None =
 
   Layout: ``path/arrays`` (an Orbax ``StandardCheckpointer`` checkpoint of the
   leaves) and ``path/exported.json`` (the tree structure, with its integer keys,
-  shapes, dtypes, layer forms and ``report``). An existing export at ``path`` is
-  overwritten.
+  shapes, dtypes, layer forms and ``report``). Zero-size leaves (a layer at rank
+  0 is its bias alone) are described in ``exported.json`` only.
+
+  The export is written to a temporary folder beside ``path`` and renamed into
+  place, so a failed save leaves an earlier export at ``path`` as it was.
 
   Returns:
     ``path`` as an absolute ``Path``.
+
+  Raises:
+    FileExistsError: ``path`` is a non-empty folder that holds no export (it is never replaced).
   """
+  import shutil  # Local imports keep this function's atomic replace self-contained.
+  import uuid
+
   path = Path(path).absolute()
-  path.mkdir(parents=True, exist_ok=True)
+  if path.exists() and not (path / "exported.json").exists() and (not path.is_dir() or any(path.iterdir())):
+    raise FileExistsError(f"{path} exists and holds no exported model; not replacing it")
+  path.parent.mkdir(parents=True, exist_ok=True)
   full = {"params": params, "model_state": model_state or {}}
   flat, spec = _flatten(full)
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    checkpointer.save(path / "arrays", flat, force=True)
-    checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
+  stored = {k: v for k, v in flat.items() if v.size}  # Orbax cannot save zero-size arrays.
   meta = {"format": _FORMAT, "leaves": spec, "skeleton": _skeleton(full), "layers": layer_forms(params),
           "report": dict(report or {})}
-  (path / "exported.json").write_text(json.dumps(meta, indent=2, default=json_default))
+  staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+  staging.mkdir()
+  try:
+    if stored:
+      checkpointer = ocp.StandardCheckpointer()
+      try:
+        checkpointer.save(staging / "arrays", stored)
+        checkpointer.wait_until_finished()
+      finally:
+        checkpointer.close()
+    (staging / "exported.json").write_text(json.dumps(meta, indent=2, default=json_default))
+    if path.exists():
+      previous = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+      path.rename(previous)
+      staging.rename(path)
+      shutil.rmtree(previous)
+    else:
+      staging.rename(path)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   return path
 
 
@@ -314,12 +334,13 @@ def load_exported(path: str | Path) -> tuple[dict, dict, dict]:
   meta = json.loads(meta_path.read_text())
   if meta.get("format") != _FORMAT:
     raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-  abstract = {e["key"]: jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(e["dtype"])) for e in meta["leaves"]}
-  flat: dict = {}
+  shapes = {e["key"]: jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(e["dtype"])) for e in meta["leaves"]}
+  abstract = {k: v for k, v in shapes.items() if int(np.prod(v.shape))}
+  flat: dict = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if k not in abstract}
   if abstract:
     checkpointer = ocp.StandardCheckpointer()
     try:
-      flat = checkpointer.restore(path / "arrays", abstract)
+      flat.update(checkpointer.restore(path / "arrays", abstract))
     finally:
       checkpointer.close()
   full = _unflatten(flat, meta["leaves"], meta["skeleton"])
@@ -346,7 +367,7 @@ def quantize_ranks(ranks: Mapping[str, int], quantum: int, capacities: Mapping[s
     rank, cap = int(rank), int(capacities[name])
     if not 0 <= rank <= cap:
       raise ValueError(f"layer {name!r}: rank {rank} is out of range; need 0 <= rank <= capacity {cap}")
-    out[name] = shrink_lib.round_up(rank, int(quantum), cap)
+    out[name] = shrink_lib.round_up_rank(rank, int(quantum), cap)
   return out
 
 
@@ -489,12 +510,12 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
     requested = int(ranks.get(name, cap))
     if not 0 <= requested <= cap:
       raise ValueError(f"layer {name!r}: rank {requested} is out of range; need 0 <= rank <= capacity {cap}")
-    first = shrink_lib.round_up(requested, quantum, cap)
+    first = shrink_lib.round_up_rank(requested, quantum, cap)
     candidates = sorted({min(first + j * quantum, cap) for j in range(max_candidates)})
     x = jax.random.normal(jax.random.fold_in(key, i), (batch_size,) + shapes[name], jnp.float32)
     fn = jax.jit(_layer_fn(layer))
-    times = {r: time_fn(fn, core.truncate(params, r), x, repeats=repeats, warmup=warmup) for r in candidates}
-    dense_time = time_fn(fn, core.merge(params, cap), x, repeats=repeats, warmup=warmup)
+    times = {r: time_fn(fn, core.truncate_layer(params, r), x, repeats=repeats, warmup=warmup) for r in candidates}
+    dense_time = time_fn(fn, core.merge_layer(params, cap), x, repeats=repeats, warmup=warmup)
     fastest = min(times.values())
     rank = min(r for r, t in times.items() if t <= fastest * (1.0 + tolerance))
     out[name] = LayerTiming(name=name, requested=requested, rank=rank, dense=dense_time <= times[rank],

@@ -87,7 +87,8 @@ def _self_attention(attn: nnx.Module, x: Array, mask: Array, rotary: bool) -> Ar
   if rotary:
     q, k = rotary_embedding(q), rotary_embedding(k)
   out = core.dot_product_attention(q, k, v, mask)
-  if isinstance(attn, nnx.MultiHeadAttention):  # flax's output projection contracts (heads, head_dim)
+  # A LinearGeneral output projection (flax's) contracts (heads, head_dim); a Linear takes them flattened.
+  if len(np.atleast_1d(getattr(attn.out, "in_features", 0))) == 2:
     return attn.out(out)
   return attn.out(out.reshape(out.shape[:-2] + (-1,)))
 
@@ -95,7 +96,8 @@ def _self_attention(attn: nnx.Module, x: Array, mask: Array, rotary: bool) -> Ar
 class DecoderBlock(nnx.Module):
   """Pre-LN causal block: ``x + attn(ln1(x))`` then ``x + fc2(gelu(fc1(ln2(x))))``."""
 
-  def __init__(self, make: models._Layers, d_model: int, num_heads: int, mlp_dim: int, *, rotary: bool):  # pylint: disable=protected-access
+  def __init__(self, make, d_model: int, num_heads: int, mlp_dim: int, *, rotary: bool):
+    """``make`` is the zoo's layer builder (``maestro_jax.models._Layers``)."""
     self.rotary = rotary
     self.ln1 = nnx.LayerNorm(d_model, dtype=make.dtype, param_dtype=make.param_dtype, rngs=make.rngs)
     self.attn = make.attention(num_heads, d_model)
@@ -128,7 +130,7 @@ class TransformerLM(nnx.Module):
     positions: ``'learned'`` or ``'rotary'``.
     tie_embeddings: compute logits with the embedding matrix instead of a ``head``.
     factorized: build from factorized layers (else the dense twin).
-    init: init method of factorized layers (``'svd'`` or ``'random'``).
+    init_method: init method of factorized layers (``'svd'`` or ``'random'``).
     dtype: compute dtype.
     param_dtype: parameter dtype.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
@@ -136,14 +138,14 @@ class TransformerLM(nnx.Module):
 
   def __init__(self, vocab_size: int, *, d_model: int = 128, num_heads: int = 4, num_layers: int = 4,
                mlp_dim: int = 512, max_len: int = 256, positions: str = "learned", tie_embeddings: bool = True,
-               factorized: bool = True, init: str = "svd", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               factorized: bool = True, init_method: str = "svd", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if positions not in POSITIONS:
       raise ValueError(f"TransformerLM: positions must be one of {list(POSITIONS)}, got {positions!r}")
     if d_model % num_heads:
       raise ValueError(f"TransformerLM: d_model={d_model} is not divisible by num_heads={num_heads}")
     if positions == "rotary" and (d_model // num_heads) % 2:
       raise ValueError(f"TransformerLM: rotary positions need an even head dimension, got {d_model // num_heads}")
-    make = models._Layers(factorized, init, dtype, param_dtype, rngs)  # pylint: disable=protected-access
+    make = models._Layers(factorized, init_method, dtype, param_dtype, rngs)  # pylint: disable=protected-access
     self.vocab_size, self.d_model, self.max_len, self.positions = vocab_size, d_model, max_len, positions
     # GPT-2's small embedding scale: with a tied head the initial logits are near zero (loss near log V).
     small = jax.nn.initializers.normal(0.02)

@@ -16,6 +16,7 @@ Module names match ``flax.linen``'s (``Dense_0``, ``Conv_1``, ...), so swapping
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from maestro_jax._src import convert
 from maestro_jax._src import factorized as core
 from maestro_jax._src import tree
 
-__all__ = ["KEEP_COLLECTION", "Dense", "Conv", "MultiHeadDotProductAttention", "capacities", "keep_counts",
+__all__ = ["KEEP_COLLECTION", "Dense", "DenseGeneral", "Conv", "MultiHeadDotProductAttention", "capacities", "keep_counts",
            "set_keep_counts", "init_keep_counts", "factorize_params"]
 
 KEEP_COLLECTION = "keep_count"
@@ -51,8 +53,8 @@ class _Factorized(nn.Module):
       raise ValueError(f"layer {self.name!r}: no factorized params; initialize the model or convert its "
                        "params with factorize_params")
     # One draw for both factors: A and B must come from the same SVD.
-    fresh = core.init(self.make_rng("params"), kernel_shape, self.rank, use_bias=self.use_bias,
-                      method=self.init_method, kernel_init=self.kernel_init, bias_init=self.bias_init,
+    fresh = core.init_layer(self.make_rng("params"), kernel_shape, self.rank, use_bias=self.use_bias,
+                      init_method=self.init_method, kernel_init=self.kernel_init, bias_init=self.bias_init,
                       param_dtype=self.param_dtype, name=self.name)
     if self.is_mutable_collection(KEEP_COLLECTION):
       self.variable(KEEP_COLLECTION, "keep", lambda: jnp.asarray(fresh["a"].shape[-1], jnp.int32))
@@ -71,7 +73,7 @@ class Dense(_Factorized):
     features: output features.
     rank: capacity; defaults to ``min(d_in, features)``.
     use_bias: add a bias.
-    init_method: ``'svd'`` or ``'random'`` (see :func:`maestro_jax.init`).
+    init_method: ``'svd'`` or ``'random'`` (see :func:`maestro_jax.init_layer`).
     kernel_init: initializer of the dense kernel split by SVD.
     bias_init: initializer of the bias.
     dtype: compute dtype.
@@ -92,6 +94,41 @@ class Dense(_Factorized):
   def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
     params = self._factors((x.shape[-1], self.features))
     return core.dense(params, x, self._keep(keep), dtype=self.dtype, precision=self.precision, name=self.name)
+
+
+class DenseGeneral(_Factorized):
+  """Factorized ``flax.linen.DenseGeneral``: contracts ``axis`` of the input into ``features`` output axes.
+
+  Stored as a dense layer over the flattened axes (``A`` is ``(prod(contracted), r)``,
+  ``B`` is ``(r, prod(features))``, ``bias`` flat), so sweeps, export and
+  accounting treat it as a dense layer; :func:`factorize_params` with
+  ``general={name: n_contracted_axes}`` converts a trained ``nn.DenseGeneral``.
+
+  Attributes:
+    features: output feature size or shape.
+    axis: contracted axis or axes of the input.
+    rank, use_bias, init_method, kernel_init, bias_init, dtype, param_dtype,
+      precision: as in :class:`Dense` (``kernel_init`` draws the flattened matrix).
+  """
+  features: int | Sequence[int]
+  axis: int | Sequence[int] = -1
+  rank: int | None = None
+  use_bias: bool = True
+  init_method: str = "svd"
+  kernel_init: Any = None
+  bias_init: Any = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axes = core.normalize_axes(self.axis, x.ndim)
+    d_in = math.prod(x.shape[a] for a in axes)
+    params = self._factors((d_in, math.prod(features)))
+    return core.dense_general(params, x, self._keep(keep), axis=axes, features=features, dtype=self.dtype,
+                              precision=self.precision, name=self.name)
 
 
 class Conv(_Factorized):
@@ -158,21 +195,17 @@ class MultiHeadDotProductAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None,
                *, mask: jax.Array | None = None) -> jax.Array:
-    inputs_k = inputs_q if inputs_k is None else inputs_k
-    inputs_v = inputs_k if inputs_v is None else inputs_v
     width = self.qkv_features or inputs_q.shape[-1]
     kw = dict(use_bias=self.use_bias, init_method=self.init_method, dtype=self.dtype,
               param_dtype=self.param_dtype, precision=self.precision)
 
-    def proj(name, x, features):
+    def proj(which, x):
+      features = (self.out_features or inputs_q.shape[-1]) if which == "out" else width
       rank = None if self.rank is None else min(self.rank, x.shape[-1], features)
-      return Dense(features, rank=rank, name=name, **kw)(x)
+      return Dense(features, rank=rank, name=which, **kw)(x)
 
-    q = core.split_heads(proj("query", inputs_q, width), self.num_heads, self.name)
-    k = core.split_heads(proj("key", inputs_k, width), self.num_heads, self.name)
-    v = core.split_heads(proj("value", inputs_v, width), self.num_heads, self.name)
-    out = core.dot_product_attention(q, k, v, mask, precision=self.precision)
-    return proj("out", out.reshape(out.shape[:-2] + (-1,)), self.out_features or inputs_q.shape[-1])
+    return core.attention_forward(proj, inputs_q, inputs_k, inputs_v, num_heads=self.num_heads, mask=mask,
+                                  precision=self.precision, name=self.name)
 
 
 # ----------------------------------------------------------------------------- variable helpers
@@ -217,47 +250,25 @@ def set_keep_counts(variables: Mapping, keeps: Mapping[str, Any]) -> dict:
   return out
 
 
-def _is_attention(node) -> bool:
-  return isinstance(node, Mapping) and all(
-      isinstance(node.get(k), Mapping) and getattr(node[k].get("kernel"), "ndim", 0) == 3
-      for k in ("query", "key", "value", "out"))
-
-
-def factorize_params(params: Mapping, *, rank_fraction: float | None = None, skip: Sequence[str] = ()) -> dict:
+def factorize_params(params: Mapping, *, rank_fraction: float | None = None, ranks: Mapping[str, int] | None = None,
+                     skip: Sequence[str] = (), general: Mapping[str, int] | None = None) -> dict:
   """Converts a Linen ``params`` tree of Dense/Conv/attention kernels into factorized layers by SVD.
 
   Every ``{'kernel': 2-D or 4-D, 'bias'?}`` node becomes ``{'a', 'b', 'bias'?}``,
-  and ``nn.MultiHeadDotProductAttention`` kernels are reshaped to matrices first.
-  Apply the result with the same model built from this module's layers; at full
-  rank the function is unchanged.
+  and ``nn.MultiHeadDotProductAttention`` kernels are reshaped to matrices first
+  (see :func:`maestro_jax.factorize_dense_params`, the same converter). Apply the
+  result with the same model built from this module's layers; at full rank the
+  function is unchanged. A params tree does not say whether a 4-D kernel
+  belongs to a grouped or transposed convolution: convert only models whose
+  convolutions are plain ``nn.Conv`` with ``feature_group_count=1`` (the layers
+  of this module refuse anything else).
 
   Args:
     params: the ``params`` collection.
-    rank_fraction: keep ``ceil(fraction * full_rank)`` components instead of all.
-    skip: dotted paths of layers to leave dense.
+    rank_fraction: keep ``fraction_to_rank(rank_fraction, full_rank)`` components instead of all.
+    ranks: explicit rank per layer name.
+    skip: dotted paths of layers to leave dense (unknown names are errors).
+    general: ``nn.DenseGeneral`` layers to convert for :class:`DenseGeneral`,
+      ``{name: number of contracted axes}``.
   """
-  if rank_fraction is not None and not 0 < rank_fraction <= 1:
-    raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
-
-  def convert(kernel, bias, path):
-    rank = None
-    if rank_fraction is not None:
-      rank = max(1, int(-(-rank_fraction * core.full_rank(kernel.shape) // 1)))
-    return core.factorize_kernel(kernel, bias, rank, name=tree.path_name(path))
-
-  def walk(node, path):
-    if not isinstance(node, Mapping) or tree.path_name(path) in skip:
-      return node
-    if _is_attention(node):
-      out = dict(node)
-      for which in ("query", "key", "value", "out"):
-        kernel, bias = node[which]["kernel"], node[which].get("bias")
-        kernel = kernel.reshape(-1, kernel.shape[-1]) if which == "out" else kernel.reshape(kernel.shape[0], -1)
-        out[which] = convert(kernel, None if bias is None else bias.reshape(-1), path + (which,))
-      return out
-    kernel = node.get("kernel")
-    if getattr(kernel, "ndim", 0) in (2, 4) and set(node) <= {"kernel", "bias"}:
-      return convert(kernel, node.get("bias"), path)
-    return {k: walk(v, path + (k,)) for k, v in node.items()}
-
-  return walk(params, ())
+  return convert.factorize_tree(params, rank_fraction=rank_fraction, ranks=ranks, skip=skip, general=general)

@@ -15,6 +15,7 @@ functional core gives to ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,10 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maestro_jax._src import convert
 from maestro_jax._src import factorized as core
+from maestro_jax._src import rules
 from maestro_jax._src import tree
 
-__all__ = ["KeepCount", "Linear", "Conv", "MultiHeadAttention", "factorized_layers", "capacities",
+__all__ = ["KeepCount", "Linear", "LinearGeneral", "Conv", "MultiHeadAttention", "factorized_layers", "capacities",
            "keep_counts", "set_keep_counts", "factorize"]
 
 
@@ -110,7 +113,7 @@ class Linear(_Factorized):
     out_features: output features.
     rank: capacity of the rank axis; defaults to ``min(in_features, out_features)``.
     use_bias: add a bias.
-    init: ``'svd'`` (a dense init split by SVD, components ordered) or ``'random'``.
+    init_method: ``'svd'`` (a dense init split by SVD, components ordered) or ``'random'``.
     kernel_init: initializer of the dense kernel for ``'svd'``.
     bias_init: initializer of the bias.
     dtype: compute dtype.
@@ -120,12 +123,12 @@ class Linear(_Factorized):
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int | None = None, use_bias: bool = True,
-               init: str = "svd", kernel_init=None, bias_init=None, dtype=None, param_dtype=jnp.float32,
+               init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None, param_dtype=jnp.float32,
                precision=None, rngs: nnx.Rngs):
     self.in_features, self.out_features = in_features, out_features
     self.dtype, self.precision = dtype, precision
-    self._set_factors(core.init(rngs.params(), (in_features, out_features), rank, use_bias=use_bias,
-                                method=init, kernel_init=kernel_init, bias_init=bias_init,
+    self._set_factors(core.init_layer(rngs.params(), (in_features, out_features), rank, use_bias=use_bias,
+                                init_method=init_method, kernel_init=kernel_init, bias_init=bias_init,
                                 param_dtype=param_dtype, name=self._name()))
 
   def _name(self) -> str:
@@ -140,9 +143,59 @@ class Linear(_Factorized):
   def from_kernel(cls, kernel: jax.Array, bias: jax.Array | None = None, *, rank: int | None = None,
                   dtype=None, precision=None) -> Linear:
     """A layer computing ``x @ kernel + bias`` (exactly at full rank), factorized by SVD."""
-    layer = cls(kernel.shape[0], kernel.shape[1], rank=1, use_bias=False, init="random", dtype=dtype,
+    layer = cls(kernel.shape[0], kernel.shape[1], rank=1, use_bias=False, init_method="random", dtype=dtype,
                 precision=precision, rngs=nnx.Rngs(0))
     layer._set_factors(core.factorize_kernel(kernel, bias, rank, name=layer._name()))
+    return layer
+
+
+class LinearGeneral(_Factorized):
+  """Factorized ``nnx.LinearGeneral``: contracts ``axis`` (of sizes ``in_features``) into ``out_features`` axes.
+
+  Stored as a dense layer over the flattened axes (``A`` is ``(prod(in_features), r)``,
+  ``B`` is ``(r, prod(out_features))``, ``bias`` flat), so sweeps, export and
+  accounting treat it as a dense layer. :func:`factorize` converts an
+  ``nnx.LinearGeneral`` with the same outputs.
+
+  Args:
+    in_features: size or sizes of the contracted axes.
+    out_features: size or shape of the output feature axes.
+    axis: contracted axis or axes of the input.
+    rank, use_bias, init_method, kernel_init, bias_init, dtype, param_dtype,
+      precision, rngs: as in :class:`Linear`.
+  """
+
+  def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
+               axis: int | Sequence[int] = -1, rank: int | None = None, use_bias: bool = True,
+               init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None, param_dtype=jnp.float32,
+               precision=None, rngs: nnx.Rngs):
+    self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
+    self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+    self.axis = axis
+    if len(self.in_features) != (1 if isinstance(axis, int) else len(tuple(axis))):
+      raise ValueError(f"LinearGeneral: in_features {self.in_features} and axis {axis} differ in length")
+    self.dtype, self.precision = dtype, precision
+    shape = (math.prod(self.in_features), math.prod(self.out_features))
+    self._set_factors(core.init_layer(rngs.params(), shape, rank, use_bias=use_bias, init_method=init_method,
+                                      kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
+                                      name=self._name()))
+
+  def _name(self) -> str:
+    return f"LinearGeneral({self.in_features}->{self.out_features})"
+
+  def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
+    """Applies the layer; ``keep`` overrides the layer's :class:`KeepCount` for this call."""
+    return core.dense_general(self.factor_params(), x, self._keep(keep), axis=self.axis, features=self.out_features,
+                              dtype=self.dtype, precision=self.precision, name=self._name())
+
+  @classmethod
+  def from_module(cls, module: nnx.LinearGeneral, *, rank: int | None = None) -> LinearGeneral:
+    """The factorized twin of an ``nnx.LinearGeneral`` (exact at full rank), by SVD of its flattened kernel."""
+    layer = cls(module.in_features, module.out_features, axis=module.axis, rank=1, use_bias=False,
+                init_method="random", dtype=module.dtype, precision=module.precision, rngs=nnx.Rngs(0))
+    kernel = get_value(module.kernel)
+    matrix = kernel.reshape(math.prod(layer.in_features), math.prod(layer.out_features))
+    layer._set_factors(core.factorize_kernel(matrix, _bias(module), rank, name=layer._name()))
     return layer
 
 
@@ -160,14 +213,14 @@ class Conv(_Factorized):
     kernel_dilation: int or pair.
     feature_group_count: must be 1 (grouped convolutions are not supported).
     rank: capacity; defaults to ``min(kh * kw * in_features, out_features)``.
-    use_bias, init, kernel_init, bias_init, dtype, param_dtype, precision, rngs:
+    use_bias, init_method, kernel_init, bias_init, dtype, param_dtype, precision, rngs:
       as in :class:`Linear`.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: int | Sequence[int] = 1, *, padding: core.Padding = "SAME",
                kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1, rank: int | None = None,
-               use_bias: bool = True, init: str = "svd", kernel_init=None, bias_init=None, dtype=None,
+               use_bias: bool = True, init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None,
                param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
     kernel_size = core._pairs(kernel_size, 2, "kernel_size", "Conv")
     if feature_group_count != 1:
@@ -176,8 +229,8 @@ class Conv(_Factorized):
     self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
     self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
     self.dtype, self.precision = dtype, precision
-    self._set_factors(core.init(rngs.params(), kernel_size + (in_features, out_features), rank,
-                                use_bias=use_bias, method=init, kernel_init=kernel_init, bias_init=bias_init,
+    self._set_factors(core.init_layer(rngs.params(), kernel_size + (in_features, out_features), rank,
+                                use_bias=use_bias, init_method=init_method, kernel_init=kernel_init, bias_init=bias_init,
                                 param_dtype=param_dtype, name=self._name()))
 
   def _name(self) -> str:
@@ -198,7 +251,7 @@ class Conv(_Factorized):
       raise ValueError(f"Conv.from_kernel: kernel must be 4-D (kh, kw, c_in, c_out), got shape {kernel.shape}")
     kh, kw, c_in, c_out = kernel.shape
     layer = cls(c_in, c_out, (kh, kw), strides, padding=padding, kernel_dilation=kernel_dilation, rank=1,
-                use_bias=False, init="random", dtype=dtype, precision=precision, rngs=nnx.Rngs(0))
+                use_bias=False, init_method="random", dtype=dtype, precision=precision, rngs=nnx.Rngs(0))
     layer._set_factors(core.factorize_kernel(kernel, bias, rank, name=layer._name()))
     return layer
 
@@ -216,12 +269,12 @@ class MultiHeadAttention(nnx.Module):
     out_features: output features; defaults to ``in_features``.
     in_kv_features: key/value input features; defaults to ``in_features``.
     rank: optional capacity of every projection.
-    use_bias, init, dtype, param_dtype, precision, rngs: as in :class:`Linear`.
+    use_bias, init_method, dtype, param_dtype, precision, rngs: as in :class:`Linear`.
   """
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
                out_features: int | None = None, *, in_kv_features: int | None = None, rank: int | None = None,
-               use_bias: bool = True, init: str = "svd", dtype=None, param_dtype=jnp.float32, precision=None,
+               use_bias: bool = True, init_method: str = "svd", dtype=None, param_dtype=jnp.float32, precision=None,
                rngs: nnx.Rngs):
     qkv_features = qkv_features or in_features
     out_features = out_features or in_features
@@ -230,7 +283,7 @@ class MultiHeadAttention(nnx.Module):
       raise ValueError(f"MultiHeadAttention: qkv_features={qkv_features} is not divisible by "
                        f"num_heads={num_heads}")
     self.num_heads, self.precision = num_heads, precision
-    kw = dict(use_bias=use_bias, init=init, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw = dict(use_bias=use_bias, init_method=init_method, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     cap = lambda d_in, d_out: None if rank is None else min(rank, d_in, d_out)
     self.query = Linear(in_features, qkv_features, rank=cap(in_features, qkv_features), **kw)
     self.key = Linear(in_kv_features, qkv_features, rank=cap(in_kv_features, qkv_features), **kw)
@@ -239,13 +292,9 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None,
                *, mask: jax.Array | None = None) -> jax.Array:
-    inputs_k = inputs_q if inputs_k is None else inputs_k
-    inputs_v = inputs_k if inputs_v is None else inputs_v
-    q = core.split_heads(self.query(inputs_q), self.num_heads, "MultiHeadAttention")
-    k = core.split_heads(self.key(inputs_k), self.num_heads, "MultiHeadAttention")
-    v = core.split_heads(self.value(inputs_v), self.num_heads, "MultiHeadAttention")
-    out = core.dot_product_attention(q, k, v, mask, precision=self.precision)
-    return self.out(out.reshape(out.shape[:-2] + (-1,)))
+    return core.attention_forward(lambda which, x: getattr(self, which)(x), inputs_q, inputs_k, inputs_v,
+                                  num_heads=self.num_heads, mask=mask, precision=self.precision,
+                                  name="MultiHeadAttention")
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -286,75 +335,110 @@ def _parent_and_key(model: nnx.Module, path: tuple):
   return parent, path[-1]
 
 
-def _convert(module, rank_of: Callable[[int], int | None]):
-  """The factorized replacement of a Flax layer, or None when it is not a layer we convert."""
-  if isinstance(module, nnx.Linear):
-    bias = get_value(module.bias) if module.bias is not None else None
-    return Linear.from_kernel(get_value(module.kernel), bias, rank=rank_of(min(get_value(module.kernel).shape)),
-                              dtype=module.dtype, precision=module.precision)
+def _bias(module) -> jax.Array | None:
+  return get_value(module.bias).reshape(-1) if module.bias is not None else None
+
+
+def _unsupported(module) -> str | None:
+  """Why a Flax layer cannot become a factorized one (None when it can)."""
   if isinstance(module, nnx.Conv):
     kernel = get_value(module.kernel)
     if kernel.ndim != 4:
-      raise ValueError(f"cannot factorize a {kernel.ndim - 2}-D nnx.Conv: only 2-D convolutions are supported")
+      return f"a {kernel.ndim - 2}-D nnx.Conv: only 2-D convolutions are supported"
     if module.feature_group_count != 1:
-      raise ValueError(f"cannot factorize an nnx.Conv with feature_group_count={module.feature_group_count}: "
-                       "grouped convolutions are not supported")
+      return f"an nnx.Conv with feature_group_count={module.feature_group_count} (grouped convolution)"
     if any(d != 1 for d in jnp.atleast_1d(jnp.asarray(module.input_dilation))):
-      raise ValueError("cannot factorize an nnx.Conv with input_dilation != 1")
-    bias = get_value(module.bias) if module.bias is not None else None
-    return Conv.from_kernel(kernel, bias, rank=rank_of(core.full_rank(kernel.shape)), strides=module.strides,
-                            padding=module.padding, kernel_dilation=module.kernel_dilation, dtype=module.dtype,
-                            precision=module.precision)
-  if isinstance(module, nnx.MultiHeadAttention):
-    q_kernel, k_kernel, o_kernel = get_value(module.query.kernel), get_value(module.key.kernel), get_value(module.out.kernel)
-    new = MultiHeadAttention(module.num_heads, q_kernel.shape[0], module.qkv_features, o_kernel.shape[-1],
-                             in_kv_features=k_kernel.shape[0], use_bias=False, init="random", rank=1,
-                             precision=module.precision, rngs=nnx.Rngs(0))
-    for which in ("query", "key", "value", "out"):
-      proj = getattr(module, which)
-      kernel = get_value(proj.kernel)
-      kernel = kernel.reshape(-1, kernel.shape[-1]) if which == "out" else kernel.reshape(kernel.shape[0], -1)
-      bias = get_value(proj.bias).reshape(-1) if proj.bias is not None else None
-      setattr(new, which, Linear.from_kernel(kernel, bias, rank=rank_of(min(kernel.shape)),
-                                             dtype=module.dtype, precision=module.precision))
-    return new
+      return "an nnx.Conv with input_dilation != 1"
+    if isinstance(module.padding, str) and module.padding.upper() not in ("SAME", "VALID"):
+      return f"an nnx.Conv with padding={module.padding!r} (only SAME, VALID and explicit padding)"
+    if getattr(module, "mask", None) is not None:
+      return "an nnx.Conv with a kernel mask"
+  if isinstance(module, nnx.Linear) and getattr(module, "dot_general", jax.lax.dot_general) is not jax.lax.dot_general:
+    return "an nnx.Linear with a custom dot_general"
+  if isinstance(module, nnx.LinearGeneral) and getattr(module, "batch_axis", None):
+    return "an nnx.LinearGeneral with batch axes"
+  if isinstance(module, nnx.MultiHeadAttention) and (module.decode or module.normalize_qk):
+    return "an nnx.MultiHeadAttention with decode or normalize_qk"
   return None
 
 
-def factorize(model: nnx.Module, *, rank_fraction: float | None = None,
+_CONVERTIBLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.MultiHeadAttention)
+_TRANSPOSED = (nnx.ConvTranspose,)
+
+
+def _convert(module, name: str, rank_of: Callable[[int, str], int | None]):
+  """The factorized replacement of a Flax layer (checked by :func:`_unsupported` first)."""
+  if isinstance(module, nnx.Linear):
+    kernel = get_value(module.kernel)
+    return Linear.from_kernel(kernel, _bias(module), rank=rank_of(min(kernel.shape), name),
+                              dtype=module.dtype, precision=module.precision)
+  if isinstance(module, nnx.LinearGeneral):
+    return LinearGeneral.from_module(module, rank=rank_of(rules.full_rank(
+        (math.prod(module.in_features), math.prod(module.out_features))), name))
+  if isinstance(module, nnx.Conv):
+    kernel = get_value(module.kernel)
+    return Conv.from_kernel(kernel, _bias(module), rank=rank_of(rules.full_rank(kernel.shape), name),
+                            strides=module.strides, padding=module.padding, kernel_dilation=module.kernel_dilation,
+                            dtype=module.dtype, precision=module.precision)
+  # nnx.MultiHeadAttention: its DenseGeneral projections as matrices, the same view the tree converter uses.
+  q_kernel, k_kernel, o_kernel = (get_value(getattr(module, w).kernel) for w in ("query", "key", "out"))
+  new = MultiHeadAttention(module.num_heads, q_kernel.shape[0], module.qkv_features, o_kernel.shape[-1],
+                           in_kv_features=k_kernel.shape[0], use_bias=False, init_method="random", rank=1,
+                           precision=module.precision, rngs=nnx.Rngs(0))
+  for which in convert.ATTENTION_PROJECTIONS:
+    proj = getattr(module, which)
+    kernel = convert.attention_kernel_matrix(which, get_value(proj.kernel))
+    setattr(new, which, Linear.from_kernel(kernel, _bias(proj), rank=rank_of(min(kernel.shape), f"{name}.{which}"),
+                                           dtype=module.dtype, precision=module.precision))
+  return new
+
+
+def factorize(model: nnx.Module, *, rank_fraction: float | None = None, ranks: Mapping[str, int] | None = None,
               skip: Sequence[str] = ()) -> nnx.Module:
-  """Replaces, in place, every ``nnx.Linear``, 2-D ``nnx.Conv`` and ``nnx.MultiHeadAttention`` by SVD.
+  """Replaces, in place, every ``nnx.Linear``, ``nnx.LinearGeneral``, 2-D ``nnx.Conv`` and ``nnx.MultiHeadAttention`` by SVD.
 
   At full rank (the default) the model computes the same function. This is how
-  a pretrained Flax model is brought in.
+  a pretrained Flax model is brought in. Every layer is checked before any is
+  replaced: a layer that cannot be factorized exactly (a grouped, transposed,
+  circular-padded or masked convolution, ...) is an error naming it; leave it
+  dense with ``skip``.
 
   Args:
     model: the model to convert (modified in place and returned).
-    rank_fraction: keep ``ceil(fraction * full_rank)`` components instead of all.
-    skip: dotted module paths to leave dense.
+    rank_fraction: keep ``fraction_to_rank(rank_fraction, full_rank)`` components instead of all.
+    ranks: explicit rank per layer name (attention projections as ``'attn.query'``).
+    skip: dotted module paths to leave dense (unknown names are errors).
 
   Returns:
     ``model``.
   """
-  if rank_fraction is not None and not 0 < rank_fraction <= 1:
-    raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+  convert.check_fraction(rank_fraction)
+  ranks = dict(ranks or {})
 
-  def rank_of(full: int) -> int | None:
-    return None if rank_fraction is None else max(1, int(-(-rank_fraction * full // 1)))
+  def rank_of(full: int, name: str) -> int | None:
+    return convert.layer_rank(full, name, rank_fraction=rank_fraction, ranks=ranks)
 
-  targets = []
-  for path, module in _iter_modules(model):
-    if not path or tree.path_name(path) in skip:
-      continue
-    if any(tree.path_name(path[:i]) in [tree.path_name(p) for p, _ in targets] for i in range(1, len(path))):
-      continue  # inside a module already being replaced (e.g. attention projections)
-    try:
-      new = _convert(module, rank_of)
-    except ValueError as e:
-      raise ValueError(f"layer {tree.path_name(path)!r}: {e}") from None
-    if new is not None:
-      targets.append((path, new))
-  for path, new in targets:
+  found = {tree.path_name(path): (path, module) for path, module in _iter_modules(model)
+           if path and isinstance(module, _CONVERTIBLE + _TRANSPOSED)}
+  attention_parts = {f"{name}.{w}" for name, (_, m) in found.items() if isinstance(m, nnx.MultiHeadAttention)
+                     for w in convert.ATTENTION_PROJECTIONS}
+  tree.check_names(skip, found, "layers in skip")
+  tree.check_names(ranks, dict.fromkeys(set(found) | attention_parts), "layers in ranks")
+  targets, refused, reasons = [], [], []
+  for name, (path, module) in found.items():
+    inside = any(name.startswith(other + ".") for other in found if other != name and other not in skip)
+    if name in skip or inside:
+      continue  # left dense, or part of a layer being replaced (attention projections)
+    reason = "an nnx.ConvTranspose (transposed convolution)" if isinstance(module, _TRANSPOSED) else _unsupported(module)
+    if reason:
+      refused.append(name)
+      reasons.append(f"layer {name!r}: {reason} is not supported")
+    else:
+      targets.append((path, name, module))
+  if refused:
+    raise ValueError("cannot factorize " + "; ".join(reasons) + f". Leave such layers dense with skip={refused}")
+  replacements = [(path, _convert(module, name, rank_of)) for path, name, module in targets]
+  for path, new in replacements:
     parent, key = _parent_and_key(model, path)
     if isinstance(key, int):
       parent[key] = new

@@ -33,7 +33,9 @@ import optax
 
 from maestro_jax import accounting
 from maestro_jax import training
-from maestro_jax._src import methods
+from maestro_jax._src import decomposable
+from maestro_jax._src import kinds
+from maestro_jax._src import rules
 from maestro_jax._src import tree
 
 __all__ = ["stack", "unstack", "num_configs", "fraction_grid", "per_layer", "global_budget", "make_sweep",
@@ -80,12 +82,6 @@ def unstack(stacked: Mapping[str, Any]) -> list[dict[str, int]]:
   return [{name: int(v[i]) for name, v in host.items()} for i in range(k)]
 
 
-def _fraction_keep(fraction: float, rank: int) -> int:
-  if rank <= 0:
-    return 0
-  return min(rank, max(1, math.ceil(round(fraction * rank, 6))))
-
-
 def _check_fractions(fractions: Iterable[float]) -> list[float]:
   fractions = [float(p) for p in fractions]
   if not fractions:
@@ -107,7 +103,7 @@ def fraction_grid(ranks: Mapping[str, int], fractions: Iterable[float]) -> Stack
     ``{layer: int32 (K,)}`` with ``K = len(fractions)``.
   """
   fractions = _check_fractions(fractions)
-  return {name: np.asarray([_fraction_keep(p, int(r)) for p in fractions], np.int32) for name, r in ranks.items()}
+  return {name: np.asarray([rules.fraction_to_rank(p, int(r)) for p in fractions], np.int32) for name, r in ranks.items()}
 
 
 def per_layer(ranks: Mapping[str, int], layer: str, values: Iterable[int]) -> Stacked:
@@ -127,7 +123,7 @@ def per_layer(ranks: Mapping[str, int], layer: str, values: Iterable[int]) -> St
 
 def global_budget(params: PyTree, ranks: Mapping[str, int] | None, fractions: Iterable[float], *,
                   normalized: bool = False, spectrum: str = "svd", min_keep: int = 0) -> Stacked:
-  """One configuration per fraction: ``ceil(p * sum(ranks))`` components with the largest singular values.
+  """One configuration per fraction: ``fraction_to_rank(p, sum(ranks))`` components with the largest singular values.
 
   The components are chosen network-wide by :func:`maestro_jax.global_budget_keeps`
   (Decomposable-Net's rule), vmapped over the fractions.
@@ -143,9 +139,11 @@ def global_budget(params: PyTree, ranks: Mapping[str, int] | None, fractions: It
   """
   fractions = _check_fractions(fractions)
   ranks = None if ranks is None else {k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}
-  fn = lambda p: methods.global_budget_keeps(params, p, ranks, normalized=normalized, spectrum=spectrum,
-                                             min_keep=min_keep)
-  out = jax.jit(jax.vmap(fn))(jnp.asarray(fractions, jnp.float32))
+  # Each fraction as its exact ratio (the rule of maestro_jax.fraction_to_rank), vmapped as int32 pairs.
+  nums, dens = (jnp.asarray(v, jnp.int32) for v in zip(*(rules.fraction_parts(p) for p in fractions)))
+  fn = lambda num, den: decomposable.global_budget_keeps(params, (num, den), ranks, normalized=normalized,
+                                                         spectrum=spectrum, min_keep=min_keep)
+  out = jax.jit(jax.vmap(fn))(nums, dens)
   return {name: np.asarray(v, np.int32) for name, v in out.items()}
 
 
@@ -350,11 +348,6 @@ def _cost(params, ranks, positions) -> tuple[int | None, int]:
   return report.macs_merged, report.params_merged
 
 
-def _shape_dims(layer: Mapping) -> tuple[int, int]:
-  a, b = layer["a"], layer["b"]
-  return int(math.prod(a.shape[:-1])), int(b.shape[-1])
-
-
 def _candidate(rank: int, floor: int, step: int, d_in: int, d_out: int) -> int | None:
   """The next rank to try for a layer: ``rank - step``, or lower when the layer would still be merged.
 
@@ -367,8 +360,8 @@ def _candidate(rank: int, floor: int, step: int, d_in: int, d_out: int) -> int |
   if rank <= floor:
     return None
   new = max(rank - step, floor)
-  if (d_in + d_out) * new >= d_in * d_out:
-    first_factorized = (d_in * d_out - 1) // (d_in + d_out)  # largest r with (d_in + d_out) r < d_in d_out
+  if rules.should_merge(d_in, d_out, new):
+    first_factorized = rules.largest_factorized_rank(d_in, d_out)
     if first_factorized < floor:
       new = floor
     else:
@@ -450,7 +443,7 @@ def greedy_search(model: training.FunctionalModel, params: PyTree, model_state: 
                      f"{'params' if index == 0 else 'MACs'}) with every layer at rank {min_rank}")
 
   names = list(caps)
-  dims = {name: _shape_dims(layers[name]) for name in names}
+  dims = {name: kinds.matrix_dims(layers[name]) for name in names}
   per_config = calibration_images is not None and _has_state(model_state)
   sweep_fn = make_sweep(model, chunk_size=chunk_size, per_config_state=per_config)
   recal_fn = make_recalibration(model, chunk_size=chunk_size) if per_config else None

@@ -136,8 +136,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
   Args:
     model: the functional model.
     optimizer: an optax transformation over ``params``.
-    sampler: draws keep counts from ``(key, ranks)``; a sampler with a
-      ``needs_params`` attribute is called as ``sampler(key, ranks, params)``.
+    sampler: draws keep counts from ``(key, ranks)``, or from ``(key, ranks,
+      params)`` for a :class:`maestro_jax.samplers.ParamSampler`.
     lasso: weight of the hierarchical group lasso.
     loss: ``'maestro'`` (the sampled model on labels, the paper's default),
       ``'distill'`` (full pass on labels plus the sampled model on the full
@@ -158,10 +158,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     ranks = state["ranks"]
     if not ranks:  # A dense model: nothing to sample.
       keeps = {}
-    elif getattr(sampler, "needs_params", False):
-      keeps = sampler(key, ranks, state["params"])
     else:
-      keeps = sampler(key, ranks)
+      keeps = sampling.draw(sampler, key, ranks, state["params"])
     images, labels = batch["image"], batch["label"]
 
     def loss_fn(params):

@@ -31,7 +31,7 @@ results = {}
 for n in (1, 8):
   shards = train.Shards(jax.devices()[:n])
   state = shards.put_state(training.init_state(params, model_state, optimizer))
-  step = training.make_train_step(fmodel, optimizer, sampler=maestro_jax.single_layer(), lasso=config.lasso,
+  step = training.make_train_step(fmodel, optimizer, sampler=maestro_jax.samplers.single_layer(), lasso=config.lasso,
                                   donate=False)  # the same initial params serve both runs
   new_state, metrics = step(state, shards.put_batch(batch), key)
   results[n] = (jax.device_get(new_state["params"]), float(metrics["loss"]))

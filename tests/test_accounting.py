@@ -26,7 +26,7 @@ LENET_FACT_MACS = {"conv1": 576 * (25 * 6 + 6 * 6), "conv2": 64 * (150 * 16 + 16
 
 @pytest.fixture(scope="module")
 def lenet():
-  return models.LeNet5(init="random", rngs=nnx.Rngs(0))
+  return models.LeNet5(init_method="random", rngs=nnx.Rngs(0))
 
 
 def test_lenet5_positions(lenet):
@@ -97,7 +97,7 @@ def test_lenet5_partial_keeps(lenet):
 
 
 def _mlp_params(d_in, hidden, d_out, factorized=True):
-  return nnx.to_pure_dict(nnx.state(models.MLP(d_in, hidden, d_out, factorized=factorized, init="random",
+  return nnx.to_pure_dict(nnx.state(models.MLP(d_in, hidden, d_out, factorized=factorized, init_method="random",
                                                rngs=nnx.Rngs(0)), nnx.Param))
 
 
@@ -129,7 +129,7 @@ def test_merge_rule_boundary():
 
 def test_positions_of_sequences_and_plain_layers():
   model = models.TransformerEncoder(3, vocab_size=20, d_model=8, num_heads=2, num_layers=1, mlp_dim=16, max_len=10,
-                                    init="random", rngs=nnx.Rngs(0))
+                                    init_method="random", rngs=nnx.Rngs(0))
   positions = accounting.layer_positions(model, (7,), dtype=jnp.int32)
   assert positions["head"] == 1
   assert all(positions[n] == 7 for n in mnnx.capacities(model) if n != "head")
@@ -155,7 +155,7 @@ def test_positions_of_sequences_and_plain_layers():
 
 
 def test_norm_parameters_are_counted():
-  model = models.ResNet18(3, width=2, init="random", rngs=nnx.Rngs(0))
+  model = models.ResNet18(3, width=2, init_method="random", rngs=nnx.Rngs(0))
   report = accounting.count(model)
   total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert report.params_factorized == total

@@ -27,11 +27,11 @@ def _max_diff(x, y):
 
 
 def _lenet():
-  return models.LeNet5(10, image_shape=(16, 16, 1), init="random", rngs=nnx.Rngs(0))
+  return models.LeNet5(10, image_shape=(16, 16, 1), init_method="random", rngs=nnx.Rngs(0))
 
 
 def _mlp():
-  return models.MLP(64, (24, 16), 10, init="random", rngs=nnx.Rngs(1))
+  return models.MLP(64, (24, 16), 10, init_method="random", rngs=nnx.Rngs(1))
 
 
 # ranks mixing merged layers ((d_in + d_out) r >= d_in d_out) and factorized ones
@@ -107,7 +107,7 @@ def test_save_and_load_roundtrip(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), lparams, eparams)
   # A freshly built model of the same architecture takes the exported params.
   x = _randn(3, (4, 8, 8, 1))
-  fresh = export.module_from_exported(models.MLP(64, (24, 16), 10, init="random", rngs=nnx.Rngs(9)), lparams,
+  fresh = export.module_from_exported(models.MLP(64, (24, 16), 10, init_method="random", rngs=nnx.Rngs(9)), lparams,
                                       lstate)
   assert _max_diff(fresh(x), efm.apply(eparams, estate, x)[0]) == 0.0
   with pytest.raises(FileNotFoundError):
@@ -118,9 +118,9 @@ class BNNet(nnx.Module):
   """conv -> BatchNorm -> relu -> mean pool -> linear."""
 
   def __init__(self, rngs):
-    self.conv = mnnx.Conv(1, 6, 3, init="random", rngs=rngs)
+    self.conv = mnnx.Conv(1, 6, 3, init_method="random", rngs=rngs)
     self.norm = nnx.BatchNorm(6, rngs=rngs)
-    self.fc = mnnx.Linear(6, 10, init="random", rngs=rngs)
+    self.fc = mnnx.Linear(6, 10, init_method="random", rngs=rngs)
 
   def __call__(self, x, *, train=False):
     h = jax.nn.relu(self.norm(self.conv(x), use_running_average=not train))

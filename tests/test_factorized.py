@@ -58,7 +58,7 @@ def test_dense_svd_reproduces_dense(batch):
 
 def test_dense_svd_wide_kernel_and_init():
   # d_out > d_in: capacity is d_in; init(method='svd') is the SVD of a LeCun kernel.
-  params = mj.init(jax.random.key(0), (3, 8))
+  params = mj.init_layer(jax.random.key(0), (3, 8))
   assert mj.capacity(params) == 3 == mj.full_rank((3, 8))
   assert params["bias"].shape == (8,) and float(jnp.abs(params["bias"]).max()) == 0.0
   kernel = mj.dense_kernel(params)
@@ -232,7 +232,7 @@ def test_masked_components_get_zero_gradient(kind):
 
 
 def test_jitted_step_traces_once_for_all_keep_counts():
-  params = mj.init(jax.random.key(0), (5, 4))
+  params = mj.init_layer(jax.random.key(0), (5, 4))
   x, y = _randn(1, (8, 5)), _randn(2, (8, 4))
   count = [0]
 
@@ -252,7 +252,7 @@ def test_jitted_step_traces_once_for_all_keep_counts():
 
 
 def test_bf16_compute_close_to_f32():
-  params = mj.init(jax.random.key(0), (16, 8))
+  params = mj.init_layer(jax.random.key(0), (16, 8))
   params["bias"] = _randn(5, (8,), 0.1)
   x = _randn(1, (4, 16))
   y32 = mj.dense(params, x)
@@ -261,7 +261,7 @@ def test_bf16_compute_close_to_f32():
   scale = float(jnp.max(jnp.abs(y32)))
   assert _max_diff(y16, y32) <= 3e-2 * scale
 
-  cparams = mj.init(jax.random.key(1), (3, 3, 2, 4))
+  cparams = mj.init_layer(jax.random.key(1), (3, 3, 2, 4))
   xc = _randn(2, (1, 5, 5, 2))
   c32 = mj.conv(cparams, xc, 2)
   c16 = jax.jit(lambda p, x, k: mj.conv(p, x, k, dtype=jnp.bfloat16))(cparams, xc, jnp.int32(2))
@@ -269,23 +269,23 @@ def test_bf16_compute_close_to_f32():
   assert _max_diff(c16, c32) <= 3e-2 * float(jnp.max(jnp.abs(c32)))
 
   # bf16 parameters work as well.
-  p16 = mj.init(jax.random.key(2), (16, 8), param_dtype=jnp.bfloat16)
+  p16 = mj.init_layer(jax.random.key(2), (16, 8), param_dtype=jnp.bfloat16)
   assert p16["a"].dtype == jnp.bfloat16
   assert mj.dense(p16, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_random_init_product_has_lecun_variance():
   d_in, d_out = 64, 48
-  params = mj.init(jax.random.key(0), (d_in, d_out), method="random")
+  params = mj.init_layer(jax.random.key(0), (d_in, d_out), init_method="random")
   assert params["a"].shape == (d_in, 48) and params["b"].shape == (48, d_out)
   var = float(jnp.var(mj.dense_kernel(params)))
   assert abs(var * d_in - 1.0) < 0.15, var * d_in
   # Conv: fan in is kh * kw * c_in.
-  cparams = mj.init(jax.random.key(1), (3, 3, 4, 32), method="random")
+  cparams = mj.init_layer(jax.random.key(1), (3, 3, 4, 32), init_method="random")
   cvar = float(jnp.var(mj.dense_kernel(cparams)))
   assert abs(cvar * 36 - 1.0) < 0.15, cvar * 36
   # A low capacity keeps the product's variance.
-  lparams = mj.init(jax.random.key(2), (64, 48), rank=8, method="random")
+  lparams = mj.init_layer(jax.random.key(2), (64, 48), rank=8, init_method="random")
   assert abs(float(jnp.var(mj.dense_kernel(lparams))) * d_in - 1.0) < 0.2
 
 
@@ -293,13 +293,13 @@ def test_random_init_product_has_lecun_variance():
 
 
 def test_static_keep_out_of_range():
-  params = mj.init(jax.random.key(0), (4, 3))
+  params = mj.init_layer(jax.random.key(0), (4, 3))
   x = jnp.ones((2, 4))
   with pytest.raises(ValueError, match=r"layer 'fc1'.*keep count 4.*capacity 3"):
     mj.dense(params, x, 4, name="fc1")
   with pytest.raises(ValueError, match=r"layer 'fc1'.*keep count -1.*capacity 3"):
     mj.dense(params, x, -1, name="fc1")
-  cparams = mj.init(jax.random.key(0), (3, 3, 2, 4))
+  cparams = mj.init_layer(jax.random.key(0), (3, 3, 2, 4))
   with pytest.raises(ValueError, match=r"layer 'conv'.*keep count 5.*capacity 4"):
     mj.conv(cparams, jnp.ones((1, 4, 4, 2)), 5, name="conv")
   with pytest.raises(ValueError, match=r"layer 'fc1'.*integer scalar"):
@@ -312,14 +312,14 @@ def test_kernel_of_wrong_rank():
   with pytest.raises(ValueError, match=r"layer 'proj'.*rank 5 is out of range.*<= 3"):
     mj.factorize_kernel(jnp.ones((3, 4)), rank=5, name="proj")
   with pytest.raises(ValueError, match=r"layer 'x'.*kernel shape must be 2-D or 4-D"):
-    mj.init(jax.random.key(0), (2, 3, 4), name="x")
+    mj.init_layer(jax.random.key(0), (2, 3, 4), name="x")
 
 
 def test_input_features_mismatch():
-  params = mj.init(jax.random.key(0), (4, 3))
+  params = mj.init_layer(jax.random.key(0), (4, 3))
   with pytest.raises(ValueError, match=r"layer 'fc1'.*input has 5 features, expected 4"):
     mj.dense(params, jnp.ones((2, 5)), name="fc1")
-  cparams = mj.init(jax.random.key(0), (3, 3, 2, 4))
+  cparams = mj.init_layer(jax.random.key(0), (3, 3, 2, 4))
   with pytest.raises(ValueError, match=r"layer 'conv'.*does not have 2 channels"):
     mj.conv(cparams, jnp.ones((1, 4, 4, 3)), name="conv")
   layer = mnnx.Linear(4, 3, rngs=nnx.Rngs(0))

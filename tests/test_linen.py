@@ -61,7 +61,7 @@ def test_keep_counts_equal_sliced_params():
   keeps = {"Conv_0": 3, "MultiHeadDotProductAttention_0.value": 2, "Dense_0": 1}
   masked = _Net(True).apply(ml.set_keep_counts(variables, keeps), x)
   sliced_params = maestro_jax.map_layers(
-      lambda name, layer: maestro_jax.truncate(layer, keeps[name]) if name in keeps else layer,
+      lambda name, layer: maestro_jax.truncate_layer(layer, keeps[name]) if name in keeps else layer,
       variables["params"])
   sliced = _Net(True).apply({"params": sliced_params}, x)
   np.testing.assert_allclose(masked, sliced, atol=1e-5)

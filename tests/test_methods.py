@@ -160,7 +160,7 @@ def test_decomposable_sampler_distribution():
   params = _params()
   ranks = {"fc": jnp.int32(4), "block.conv": jnp.int32(5), "head": jnp.int32(3)}
   sampler = mj.decomposable_sampler(0.2, 0.9)
-  assert sampler.needs_params is True
+  assert isinstance(sampler, mj.samplers.ParamSampler)
   keys = jax.random.split(jax.random.key(0), 4000)
   out = jax.jit(jax.vmap(lambda k: sampler(k, ranks, params)))(keys)
   totals = sum(np.asarray(v) for v in out.values())
@@ -223,7 +223,7 @@ def test_svd_reorthogonalize_with_ranks_zeroes_dead_components():
   conv = new["block"]["conv"]
   assert np.all(np.asarray(conv["a"])[..., 2:] == 0) and np.all(np.asarray(conv["b"])[2:] == 0)
   old = params["block"]["conv"]
-  w = _product(mj.truncate(old, 2))
+  w = _product(mj.truncate_layer(old, 2))
   np.testing.assert_allclose(_product(conv), w, atol=1e-5 * np.abs(w).max())
 
 
@@ -363,7 +363,7 @@ def _conv_ref(kernel, bias, x):
 
 def test_factorize_dense_params_full_rank_preserves_function():
   dense = _dense_model()
-  assert mj.dense_layers(dense) == ["conv1", "fc1", "fc2"]
+  assert mj.dense_layer_names(dense) == ["conv1", "fc1", "fc2"]
   fact = mj.factorize_dense_params(dense, 1.0)
   assert mj.capacities(fact) == {"conv1": 4, "fc1": 10, "fc2": 3}
   assert fact["bn"] == dense["bn"]

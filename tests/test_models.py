@@ -84,11 +84,11 @@ def test_lenet5_matches_the_paper_layout():
 
 
 def test_vgg19_and_resnet18_layer_names():
-  vgg = models.VGG19(width=4, init="random", rngs=nnx.Rngs(0))
+  vgg = models.VGG19(width=4, init_method="random", rngs=nnx.Rngs(0))
   names = list(mnnx.capacities(vgg))
   assert len(names) == 17 and "features.15" in names and "classifier" in names
   assert vgg.classifier.in_features == 32  # 512 * width / 64
-  resnet = models.ResNet18(width=4, init="random", rngs=nnx.Rngs(0))
+  resnet = models.ResNet18(width=4, init_method="random", rngs=nnx.Rngs(0))
   names = set(mnnx.capacities(resnet))
   assert len(names) == 1 + 8 * 2 + 3 + 1  # stem, two convs per block, three shortcuts, fc
   assert {"conv1", "layer2.0.shortcut", "layer3.0.shortcut", "layer4.0.shortcut", "layer4.1.conv2", "fc"} <= names
@@ -100,7 +100,7 @@ def test_vgg19_and_resnet18_layer_names():
 
 
 def test_batch_norm_train_flag():
-  model = models.VGG19(width=4, init="random", rngs=nnx.Rngs(0))
+  model = models.VGG19(width=4, init_method="random", rngs=nnx.Rngs(0))
   x = _images((8, 8, 3), batch=4)
   before = model.norms[0].mean[...]
   y_eval = _forward(model, x)
@@ -112,7 +112,7 @@ def test_batch_norm_train_flag():
 
 def test_transformer_inputs():
   tokens = models.TransformerEncoder(4, vocab_size=11, d_model=8, num_heads=2, num_layers=1, mlp_dim=16, max_len=6,
-                                     init="random", rngs=nnx.Rngs(0))
+                                     init_method="random", rngs=nnx.Rngs(0))
   ids = jnp.arange(10, dtype=jnp.int32).reshape(2, 5) % 11
   assert _forward(tokens, ids).shape == (2, 4)
   assert isinstance(tokens.embed, nnx.Embed)
@@ -120,7 +120,7 @@ def test_transformer_inputs():
   with pytest.raises(ValueError, match="max_len"):
     tokens(jnp.zeros((1, 7), jnp.int32))
   feats = models.TransformerEncoder(4, in_features=5, d_model=8, num_heads=2, num_layers=1, mlp_dim=16, max_len=6,
-                                    init="random", rngs=nnx.Rngs(0))
+                                    init_method="random", rngs=nnx.Rngs(0))
   assert "embed" in mnnx.capacities(feats)
   seq = _images((6, 5))
   # Images (B, H, W, C) are read row by row: the same as the (B, H, W * C) sequence.
@@ -133,10 +133,10 @@ def test_registry_and_make_model():
   assert set(models.MODELS) == {"mlp", "lenet5", "vgg19", "resnet18", "transformer"}
   with pytest.raises(ValueError, match=r"valid names are \['lenet5', 'mlp', 'resnet18', 'transformer', 'vgg19'\]"):
     models.make_model("alexnet", num_classes=10, image_shape=(28, 28, 1), rngs=nnx.Rngs(0))
-  mlp = models.make_model("mlp", num_classes=10, image_shape=(28, 28, 1), init="random", rngs=nnx.Rngs(0))
+  mlp = models.make_model("mlp", num_classes=10, image_shape=(28, 28, 1), init_method="random", rngs=nnx.Rngs(0))
   assert [layer.in_features for layer in mlp.layers] == [784, 256, 256]
   tr = models.make_model("transformer", num_classes=10, image_shape=(28, 28, 1), d_model=8, num_heads=2,
-                         num_layers=1, mlp_dim=8, init="random", rngs=nnx.Rngs(0))
+                         num_layers=1, mlp_dim=8, init_method="random", rngs=nnx.Rngs(0))
   assert (tr.in_features, tr.max_len) == (28, 28)
 
 
@@ -145,7 +145,7 @@ def test_registry_and_make_model():
 
 @pytest.fixture(scope="module")
 def resnet_and_batches():
-  model = models.ResNet18(3, width=4, init="random", rngs=nnx.Rngs(0))
+  model = models.ResNet18(3, width=4, init_method="random", rngs=nnx.Rngs(0))
   model(_images((8, 8, 3), batch=4, seed=5), train=True)  # move the running stats away from their init
   batches = jax.random.normal(jax.random.key(1), (3, 4, 8, 8, 3)) * 2.0 + 0.5
   return model, batches

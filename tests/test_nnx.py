@@ -27,7 +27,7 @@ class Net(nnx.Module):
   def __init__(self, rngs):
     self.conv = mnnx.Conv(2, 4, 3, 2, padding="SAME", rngs=rngs)
     self.fc = mnnx.Linear(16, 6, rngs=rngs)
-    self.layers = nnx.List([mnnx.Linear(6, 5, rngs=rngs), mnnx.Linear(5, 3, rank=2, init="random", rngs=rngs)])
+    self.layers = nnx.List([mnnx.Linear(6, 5, rngs=rngs), mnnx.Linear(5, 3, rank=2, init_method="random", rngs=rngs)])
 
   def __call__(self, x):
     h = self.conv(x)

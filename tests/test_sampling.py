@@ -25,11 +25,11 @@ def _flat(out):
 
 
 ALL = {
-    "single_layer": mj.single_layer(),
-    "independent": mj.independent(),
-    "shared_fraction": mj.shared_fraction(),
-    "fixed_fraction": mj.fixed_fraction(0.5),
-    "none": mj.none(),
+    "single_layer": mj.samplers.single_layer(),
+    "independent": mj.samplers.independent(),
+    "shared_fraction": mj.samplers.shared_fraction(),
+    "fixed_fraction": mj.samplers.fixed_fraction(0.5),
+    "none": mj.samplers.none(),
 }
 
 
@@ -80,7 +80,7 @@ def test_zero_rank_layers_keep_zero(name):
 
 
 def test_single_layer_distribution():
-  draws = _flat(_draw(mj.single_layer(), RANKS))
+  draws = _flat(_draw(mj.samplers.single_layer(), RANKS))
   total = sum(FLAT.values())  # 10 pairs (l, b)
   below = {layer: draws[layer] < rank for layer, rank in FLAT.items()}
   # Only one layer is below full rank in any draw.
@@ -106,7 +106,7 @@ def test_single_layer_distribution():
 def test_single_layer_layer_probability_proportional_to_rank():
   # With ranks 1 and 4 the b = r_l events are easy to tell apart: layer 'big' is reduced
   # with probability 3/5, and the pair ('big', 4) and ('small', 1) both look "full rank".
-  draws = _draw(mj.single_layer(), {"small": 1, "big": 4})
+  draws = _draw(mj.samplers.single_layer(), {"small": 1, "big": 4})
   big = np.asarray(draws["big"])
   assert np.all(np.asarray(draws["small"]) == 1)
   for b in (1, 2, 3):
@@ -115,7 +115,7 @@ def test_single_layer_layer_probability_proportional_to_rank():
 
 
 def test_independent_uniform_per_layer():
-  draws = _flat(_draw(mj.independent(), RANKS))
+  draws = _flat(_draw(mj.samplers.independent(), RANKS))
   for layer, rank in FLAT.items():
     counts = np.bincount(draws[layer], minlength=rank + 1)
     assert counts[0] == 0
@@ -125,14 +125,14 @@ def test_independent_uniform_per_layer():
   joint = float(np.mean((draws["fc.0"] == 1) & (draws["fc.1"] == 1)))
   assert abs(joint - 1 / 15) < 0.01
   # Not a shared draw: layers of equal rank differ in some draws.
-  pair = _draw(mj.independent(), [6, 6], n=200)
+  pair = _draw(mj.samplers.independent(), [6, 6], n=200)
   assert np.any(np.asarray(pair[0]) != np.asarray(pair[1]))
 
 
 def test_shared_fraction_one_p_for_all_layers():
   fractions = (0.2, 0.4, 0.6, 0.8, 1.0)
   ranks = {"a": 5, "b": 10, "c": 7, "d": 1}
-  draws = {k: np.asarray(v) for k, v in _draw(mj.shared_fraction(fractions), ranks).items()}
+  draws = {k: np.asarray(v) for k, v in _draw(mj.samplers.shared_fraction(fractions), ranks).items()}
   expected = {p: {k: math.ceil(round(p * r, 6)) for k, r in ranks.items()} for p in fractions}
   # Every draw is ceil(p * r) with the same p in every layer.
   which = np.full(N_DRAWS, -1)
@@ -148,7 +148,7 @@ def test_shared_fraction_one_p_for_all_layers():
 
 
 def test_fixed_fraction_deterministic():
-  sampler = mj.fixed_fraction(0.2)
+  sampler = mj.samplers.fixed_fraction(0.2)
   ranks = {"a": 5, "b": 10, "c": 7, "d": 1, "e": 3}
   outs = [jax.jit(sampler)(jax.random.key(s), ranks) for s in range(5)]
   for out in outs:
@@ -156,29 +156,31 @@ def test_fixed_fraction_deterministic():
   # Float rounding of p * r never bumps an exact product up.
   for p, r, want in [(0.6, 5, 3), (0.3, 10, 3), (0.7, 10, 7), (0.1, 30, 3), (0.25, 5, 2), (1.0, 9, 9),
                      (0.5, 3, 2), (0.01, 4, 1)]:
-    assert int(mj.fixed_fraction(p)(jax.random.key(0), {"x": r})["x"]) == want, (p, r)
+    assert int(mj.samplers.fixed_fraction(p)(jax.random.key(0), {"x": r})["x"]) == want, (p, r)
   # Traced ranks.
   out = jax.jit(sampler)(jax.random.key(0), {"a": jnp.int32(15)})
   assert int(out["a"]) == 3
 
 
 def test_none_returns_ranks():
-  out = jax.jit(mj.none())(jax.random.key(0), RANKS)
+  out = jax.jit(mj.samplers.none())(jax.random.key(0), RANKS)
   assert jax.tree.map(int, out) == RANKS
-  draws = _flat(_draw(mj.none(), RANKS, n=100))
+  draws = _flat(_draw(mj.samplers.none(), RANKS, n=100))
   for layer, rank in FLAT.items():
     assert np.all(draws[layer] == rank)
 
 
 def test_make_sampler():
-  assert set(mj.SAMPLERS) == {"single_layer", "independent", "shared_fraction", "fixed_fraction", "none"}
+  assert set(mj.SAMPLERS) == {"single_layer", "independent", "shared_fraction", "fixed_fraction", "none",
+                              "decomposable"}
+  assert isinstance(mj.make_sampler("decomposable"), mj.ParamSampler)
   s = mj.make_sampler("fixed_fraction", fraction=0.5)
   assert int(s(jax.random.key(0), {"a": 8})["a"]) == 4
   s = mj.make_sampler("shared_fraction", fractions=(0.5,))
   assert int(s(jax.random.key(0), {"a": 8})["a"]) == 4
   s = mj.make_sampler("single_layer")
   assert 1 <= int(s(jax.random.key(0), {"a": 8})["a"]) <= 8
-  with pytest.raises(ValueError, match=r"unknown sampler 'bogus'.*fixed_fraction.*independent.*none.*"
+  with pytest.raises(ValueError, match=r"unknown sampler 'bogus'.*decomposable.*fixed_fraction.*independent.*none.*"
                      r"shared_fraction.*single_layer"):
     mj.make_sampler("bogus")
 
@@ -186,15 +188,15 @@ def test_make_sampler():
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
 def test_bad_fraction(bad):
   with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
-    mj.fixed_fraction(bad)
+    mj.samplers.fixed_fraction(bad)
   with pytest.raises(ValueError, match=r"fractions must be non-empty and in \(0, 1\]"):
-    mj.shared_fraction((0.5, bad))
+    mj.samplers.shared_fraction((0.5, bad))
   with pytest.raises(ValueError, match="fraction"):
     mj.make_sampler("fixed_fraction", fraction=bad)
 
 
 def test_empty_fractions_and_no_layers():
   with pytest.raises(ValueError, match="non-empty"):
-    mj.shared_fraction(())
+    mj.samplers.shared_fraction(())
   with pytest.raises(ValueError, match="no factorized layers"):
-    mj.single_layer()(jax.random.key(0), {})
+    mj.samplers.single_layer()(jax.random.key(0), {})

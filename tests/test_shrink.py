@@ -137,10 +137,10 @@ def test_shrink_slices_optimizer_state(opt_name):
 
 
 def test_quantum_rounds_capacity_and_zeroes_the_gap():
-  assert mj.round_up(3, 4, 6) == 4 and mj.round_up(5, 4, 6) == 6 and mj.round_up(0, 4, 6) == 0
-  assert mj.round_up(8, 8, 100) == 8 and mj.round_up(9, 8, 100) == 16
+  assert mj.round_up_rank(3, 4, 6) == 4 and mj.round_up_rank(5, 4, 6) == 6 and mj.round_up_rank(0, 4, 6) == 0
+  assert mj.round_up_rank(8, 8, 100) == 8 and mj.round_up_rank(9, 8, 100) == 16
   with pytest.raises(ValueError, match="quantum"):
-    mj.round_up(3, 0, 6)
+    mj.round_up_rank(3, 0, 6)
   optimizer = optax.adam(1e-2)
   params, state = _trained_state(optimizer)
   ranks = {"fc1": 3, "conv": 1}
@@ -176,7 +176,7 @@ def test_jitted_step_recompiles_once_after_shrink():
     updates, state = optimizer.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  sampler = mj.single_layer()
+  sampler = mj.samplers.single_layer()
   key = jax.random.key(0)
   ranks = mj.capacities(params)
   for _ in range(3):

@@ -33,7 +33,7 @@ class CountingModel(training.FunctionalModel):
 
 
 def _mlp(hidden=(24, 16), seed=0):
-  model = models.MLP(64, hidden, 10, init="random", rngs=nnx.Rngs(seed))
+  model = models.MLP(64, hidden, 10, init_method="random", rngs=nnx.Rngs(seed))
   positions = accounting.layer_positions(model, (8, 8, 1))
   fm, params, state = CountingModel.from_module(model)
   return fm, params, state, positions
@@ -57,7 +57,7 @@ def _mlp_forward(params, x):
 
 def _sliced_metrics(fm, params, state, x, y, keeps, mask=None):
   """Loss and accuracy of one configuration with the factors *sliced* (not masked) to the keep counts."""
-  sliced = mj.map_layers(lambda name, layer: mj.truncate(layer, int(keeps[name])), params)
+  sliced = mj.map_layers(lambda name, layer: mj.truncate_layer(layer, int(keeps[name])), params)
   if "layers" in params:
     logits = _mlp_forward(sliced, x)
   else:
@@ -135,9 +135,9 @@ class BNNet(nnx.Module):
   """conv -> BatchNorm -> relu -> mean pool -> linear; small enough to recalibrate per configuration."""
 
   def __init__(self, rngs):
-    self.conv = mnnx.Conv(1, 6, 3, padding="SAME", init="random", rngs=rngs)
+    self.conv = mnnx.Conv(1, 6, 3, padding="SAME", init_method="random", rngs=rngs)
     self.norm = nnx.BatchNorm(6, rngs=rngs)
-    self.fc = mnnx.Linear(6, 10, init="random", rngs=rngs)
+    self.fc = mnnx.Linear(6, 10, init_method="random", rngs=rngs)
 
   def __call__(self, x, *, train=False):
     h = jax.nn.relu(self.norm(self.conv(x), use_running_average=not train))

@@ -23,7 +23,7 @@ STEPS = 6000
 
 def _train(params, x, y, *, steps=STEPS, lr=LR, sampler=None, seed=0, lasso=0.0):
   """Full-batch SGD on ``mean((dense(params, x, keep) - y)^2) + lasso * R_HGL`` with keep counts drawn by ``sampler``."""
-  sampler = sampler or mj.single_layer()
+  sampler = sampler or mj.samplers.single_layer()
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   ranks = {"fc": mj.capacity(params)}
 
@@ -78,7 +78,7 @@ def test_svd_recovery():
   s_true = np.linalg.svd(a_true, compute_uv=False)
   # Well separated singular values (about 5.41, 4.45, 1.82), so each truncation is well defined.
   assert s_true[0] - s_true[1] > 0.5 and s_true[1] - s_true[2] > 0.5 and s_true[3] < 1e-6
-  params = mj.init(jax.random.key(1), (9, 6), method="random", use_bias=False)
+  params = mj.init_layer(jax.random.key(1), (9, 6), init_method="random", use_bias=False)
   assert mj.capacity(params) == 6
   # Random init is far from the truncated SVD.
   init = {k: np.asarray(v, np.float64) for k, v in params.items()}
@@ -102,7 +102,7 @@ def test_svd_recovery_with_group_lasso_finds_the_rank():
   # hierarchical group lasso drives the whole tail to zero, and shrinking finds rank 3.
   a_true, x = _svd_problem()
   s_true = np.linalg.svd(a_true, compute_uv=False)
-  params = mj.init(jax.random.key(1), (9, 6), method="random", use_bias=False)
+  params = mj.init_layer(jax.random.key(1), (9, 6), init_method="random", use_bias=False)
   params = _train(params, x, a_true, seed=2, lasso=1e-3)
   scales = np.asarray(mj.component_scales(params))
   # The penalty shrinks them slightly (measured 0.008, 0.022, 0.071 below the true values): a
@@ -118,8 +118,8 @@ def test_without_ordered_dropout_components_are_not_ordered():
   # Contrast: plain factorized training (keep all) fits A_true but its first component is no
   # longer the top singular component.
   a_true, x = _svd_problem()
-  params = mj.init(jax.random.key(1), (9, 6), method="random", use_bias=False)
-  params = _train(params, x, a_true, sampler=mj.none(), steps=2000, seed=2)
+  params = mj.init_layer(jax.random.key(1), (9, 6), init_method="random", use_bias=False)
+  params = _train(params, x, a_true, sampler=mj.samplers.none(), steps=2000, seed=2)
   assert _rel(_prefix(params, 6), a_true) < 3e-6  # measured 6.7e-7
   assert _rel(_prefix(params, 1), _truncated(a_true, 1)) > 0.3  # measured 0.85
 
@@ -142,7 +142,7 @@ def test_pca_every_prefix_spans_top_principal_subspace():
   data, eigval, eigvec = _pca_problem()
   assert np.all(eigval[:4] / eigval[1:5] > 1.5)  # sample spectrum keeps clear gaps
   # Untied linear autoencoder 8 -> 4 -> 8: encoder A (8, 4), decoder B (4, 8).
-  params = mj.init(jax.random.key(4), (8, 8), rank=4, method="random", use_bias=False)
+  params = mj.init_layer(jax.random.key(4), (8, 8), rank=4, init_method="random", use_bias=False)
   params = _train(params, data, data, seed=5)
   # Measured: sines and projection errors about 2e-6 for k = 1..3; for k = 4 (whose component
   # has the smallest gradient signal) encoder 6.1e-4, decoder 4.1e-5, projection 6.1e-4.
@@ -159,8 +159,8 @@ def test_pca_every_prefix_spans_top_principal_subspace():
 
 def test_pca_without_ordered_dropout_only_the_full_span_is_principal():
   data, _, eigvec = _pca_problem()
-  params = mj.init(jax.random.key(4), (8, 8), rank=4, method="random", use_bias=False)
-  params = _train(params, data, data, sampler=mj.none(), steps=3000, seed=5)
+  params = mj.init_layer(jax.random.key(4), (8, 8), rank=4, init_method="random", use_bias=False)
+  params = _train(params, data, data, sampler=mj.samplers.none(), steps=3000, seed=5)
   assert _max_sin_angle(params["b"][:4].T, eigvec[:, :4]) < 4e-6  # measured 7.8e-7
   assert max(_max_sin_angle(params["b"][:k].T, eigvec[:, :k]) for k in (1, 2, 3)) > 0.3  # measured 0.90
 
@@ -183,7 +183,7 @@ def test_order_follows_data_weighted_importance():
   weighted_sv = np.linalg.svd(root @ a_true, compute_uv=False)
   np.testing.assert_allclose(weighted_sv, [2.0, 1.5, 1.2], atol=1e-9)
 
-  params = mj.init(jax.random.key(7), (4, 3), method="random", use_bias=False)
+  params = mj.init_layer(jax.random.key(7), (4, 3), init_method="random", use_bias=False)
   params = _train(params, x, x @ a_true, seed=8)
 
   for k in (1, 2, 3):

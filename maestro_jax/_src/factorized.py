@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maestro_jax._src.rules import full_rank
+
 Array = jax.Array
 Params = dict[str, Any]
 KeepCount = int | Array | None
@@ -38,7 +40,7 @@ def capacity(params: Params) -> int:
 
 
 def is_merged(params: Params) -> bool:
-  """Whether a layer holds one dense ``kernel`` (a merged layer, see :func:`merge`) instead of factors."""
+  """Whether a layer holds one dense ``kernel`` (a merged layer, see :func:`merge_layer`) instead of factors."""
   return "kernel" in params and "a" not in params
 
 
@@ -96,7 +98,7 @@ def _cast_layer(dtype, x: Array, params: Params) -> tuple[Array, Params]:
   return jnp.asarray(x, dtype), {k: jnp.asarray(params[k], dtype) for k in keys}
 
 
-def truncate(params: Params, keep: int) -> Params:
+def truncate_layer(params: Params, keep: int) -> Params:
   """Returns the layer with only its first ``keep`` components (a static slice)."""
   out = dict(params)
   out["a"] = params["a"][..., :keep]
@@ -118,7 +120,7 @@ def _inner(params, x, keep, name, first_factor, precision):
   keep = _check_keep(keep, cap, name)
   if isinstance(keep, int):
     if keep < cap:
-      params = truncate(params, keep)
+      params = truncate_layer(params, keep)
     mask = None
   else:
     mask = keep
@@ -156,6 +158,39 @@ def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, preci
     raise ValueError(f"{_layer(name)}: input has {x.shape[-1] if x.ndim else 'no'} features, expected {d_in}")
   x, params = _cast_layer(dtype, x, params)
   return _inner(params, x, keep, name, lambda x, a: jnp.matmul(x, a, precision=precision), precision)
+
+
+def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+  """Contracted axes as non-negative ints, in order."""
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def dense_general(params: Params, x: Array, keep: KeepCount = None, *, axis: int | Sequence[int] = -1,
+                  features: int | Sequence[int], dtype=None, precision=None, name: str | None = None) -> Array:
+  """A factorized DenseGeneral: contracts ``x`` over ``axis`` and produces ``features`` axes.
+
+  The layer is stored as a dense layer over the flattened axes (``A`` is
+  ``(prod(contracted dims), r)``, ``B`` is ``(r, prod(features))``), so every
+  tool that handles dense layers handles it. Non-contracted axes keep their
+  order and the feature axes come last, as in ``flax.linen.DenseGeneral``.
+
+  Args:
+    params: ``{'a', 'b', 'bias'?}`` as for :func:`dense` (``bias`` flat, ``(prod(features),)``).
+    x: input; the axes in ``axis`` are contracted.
+    keep: components to keep (see :func:`dense`).
+    axis: contracted axis or axes.
+    features: output feature size or shape.
+    dtype, precision, name: as in :func:`dense`.
+  """
+  features = (features,) if isinstance(features, int) else tuple(features)
+  axes = normalize_axes(axis, x.ndim)
+  rest = [d for d in range(x.ndim) if d not in axes]
+  moved = jnp.transpose(x, rest + list(axes))
+  batch_shape = moved.shape[:len(rest)]
+  flat = moved.reshape(batch_shape + (math.prod(moved.shape[len(rest):]),))
+  y = dense(params, flat, keep, dtype=dtype, precision=precision, name=name)
+  return y.reshape(batch_shape + features)
 
 
 def _pairs(value, n: int, what: str, name: str | None) -> tuple[int, ...]:
@@ -274,8 +309,6 @@ def multi_head_attention(params: Params, inputs_q: Array, inputs_k: Array | None
     ``(..., q_len, d_out)``.
   """
   keep = keep or {}
-  inputs_k = inputs_q if inputs_k is None else inputs_k
-  inputs_v = inputs_k if inputs_v is None else inputs_v
   missing = {"query", "key", "value", "out"} - set(params)
   if missing:
     raise ValueError(f"{_layer(name)}: attention params lack {sorted(missing)}")
@@ -284,11 +317,27 @@ def multi_head_attention(params: Params, inputs_q: Array, inputs_k: Array | None
     sub = f"{name}.{which}" if name else which
     return dense(params[which], x, keep.get(which), dtype=dtype, precision=precision, name=sub)
 
-  q = split_heads(proj("query", inputs_q), num_heads, name)
-  k = split_heads(proj("key", inputs_k), num_heads, name)
-  v = split_heads(proj("value", inputs_v), num_heads, name)
+  return attention_forward(proj, inputs_q, inputs_k, inputs_v, num_heads=num_heads, mask=mask,
+                           precision=precision, name=name)
+
+
+def attention_forward(project, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
+                      num_heads: int, mask: Array | None = None, precision=None, name: str | None = None) -> Array:
+  """The multi-head attention forward given its projections: the one both skins and :func:`multi_head_attention` run.
+
+  Args:
+    project: ``project(which, x)`` applies projection ``which`` (``'query'``,
+      ``'key'``, ``'value'`` or ``'out'``) to ``x``.
+    inputs_q, inputs_k, inputs_v, num_heads, mask, precision, name: as in
+      :func:`multi_head_attention`.
+  """
+  inputs_k = inputs_q if inputs_k is None else inputs_k
+  inputs_v = inputs_k if inputs_v is None else inputs_v
+  q = split_heads(project("query", inputs_q), num_heads, name)
+  k = split_heads(project("key", inputs_k), num_heads, name)
+  v = split_heads(project("value", inputs_v), num_heads, name)
   out = dot_product_attention(q, k, v, mask, precision=precision)
-  return proj("out", out.reshape(out.shape[:-2] + (-1,)))
+  return project("out", out.reshape(out.shape[:-2] + (-1,)))
 
 
 # --------------------------------------------------------------------------- initialization
@@ -341,13 +390,8 @@ def factorize_kernel(kernel: Array, bias: Array | None = None, rank: int | None 
   return params
 
 
-def full_rank(kernel_shape: Sequence[int]) -> int:
-  """``min(prod(kernel_shape[:-1]), kernel_shape[-1])``: the rank that loses nothing."""
-  return min(math.prod(kernel_shape[:-1]), kernel_shape[-1])
-
-
-def init(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, use_bias: bool = True,
-         method: str = "svd", kernel_init=None, bias_init=None, param_dtype=jnp.float32,
+def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, use_bias: bool = True,
+         init_method: str = "svd", kernel_init=None, bias_init=None, param_dtype=jnp.float32,
          name: str | None = None) -> Params:
   """Initializes a factorized layer for a dense ``(d_in, d_out)`` or conv ``(kh, kw, c_in, c_out)`` kernel.
 
@@ -356,7 +400,7 @@ def init(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, us
     kernel_shape: shape of the equivalent dense kernel.
     rank: capacity; defaults to :func:`full_rank`.
     use_bias: whether to add a zero-initialized bias.
-    method: ``'svd'`` draws a dense kernel with ``kernel_init`` and splits it
+    init_method: ``'svd'`` draws a dense kernel with ``kernel_init`` and splits it
       by SVD (components ordered by singular value); ``'random'`` draws both
       factors from LeCun-normal (fan-in) so ``A @ B`` has the dense variance.
     kernel_init: initializer for the dense kernel (``'svd'``); LeCun normal by default.
@@ -374,22 +418,22 @@ def init(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, us
   kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
   bias_init = bias_init or jax.nn.initializers.zeros
   k_kernel, k_a, k_b, k_bias = jax.random.split(key, 4)
-  if method == "svd":
+  if init_method == "svd":
     kernel = kernel_init(k_kernel, kernel_shape, jnp.float32)
     params = factorize_kernel(kernel, rank=rank, name=name)
     params = {k: v.astype(param_dtype) for k, v in params.items()}
-  elif method == "random":
+  elif init_method == "random":
     fan_in = jax.nn.initializers.lecun_normal(in_axis=tuple(range(len(kernel_shape) - 1)), out_axis=-1)
     params = {"a": fan_in(k_a, kernel_shape[:-1] + (rank,), param_dtype),
               "b": jax.nn.initializers.lecun_normal()(k_b, (rank, kernel_shape[-1]), param_dtype)}
   else:
-    raise ValueError(f"{_layer(name)}: unknown init method {method!r}; choose 'svd' or 'random'")
+    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
   if use_bias:
     params["bias"] = bias_init(k_bias, (kernel_shape[-1],), param_dtype)
   return params
 
 
-def merge(params: Params, keep: int | None = None) -> Params:
+def merge_layer(params: Params, keep: int | None = None) -> Params:
   """The layer as one dense kernel ``{'kernel': A[..., :keep] @ B[:keep], 'bias'?}``.
 
   :func:`dense` and :func:`conv` apply the merged form directly; deploy a layer

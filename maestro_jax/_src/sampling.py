@@ -15,7 +15,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from maestro_jax._src import rules
+
 Sampler = Callable[[jax.Array, Any], Any]
+
+
+class ParamSampler:
+  """A sampler that also reads the parameters: ``sampler(key, ranks, params) -> keeps``.
+
+  A distinct protocol (as optax separates ``GradientTransformationExtraArgs``):
+  wrap a function of ``(key, ranks, params)`` in it, and every caller that draws
+  keep counts (:func:`draw`) passes the parameters along.
+  """
+
+  def __init__(self, fn: Callable[[jax.Array, Any, Any], Any]):
+    self.fn = fn
+
+  def __call__(self, key: jax.Array, ranks: Any, params: Any) -> Any:
+    return self.fn(key, ranks, params)
+
+
+def draw(sampler: Sampler | ParamSampler, key: jax.Array, ranks: Any, params: Any) -> Any:
+  """Keep counts from either protocol: ``sampler(key, ranks)`` or a :class:`ParamSampler`'s ``(key, ranks, params)``."""
+  if isinstance(sampler, ParamSampler):
+    return sampler(key, ranks, params)
+  return sampler(key, ranks)
 
 
 def _flat_ranks(ranks):
@@ -70,51 +94,30 @@ def independent() -> Sampler:
   return sample
 
 
-def _fraction_of(p, r):
-  # The small slack keeps ceil(0.2 * 5) at 1 despite float rounding of 0.2.
-  b = jnp.ceil(p * r.astype(jnp.float32) - 1e-4).astype(jnp.int32)
-  return jnp.clip(b, jnp.minimum(r, 1), r)
-
-
 def shared_fraction(fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0)) -> Sampler:
-  """FjORD: one ``p`` uniform over ``fractions``; every layer keeps ``ceil(p * r_l)``."""
+  """FjORD: one ``p`` uniform over ``fractions``; every layer keeps ``fraction_to_rank(p, r_l)``."""
   fractions = tuple(float(p) for p in fractions)
   if not fractions or not all(0.0 < p <= 1.0 for p in fractions):
     raise ValueError(f"fractions must be non-empty and in (0, 1], got {fractions}")
-  table = jnp.asarray(fractions, jnp.float32)
+  # Each fraction as an exact ratio, picked by a traced index: the same rule as static fractions.
+  nums, dens = (jnp.asarray(v, jnp.int32) for v in zip(*(rules.fraction_parts(p) for p in fractions)))
 
   def sample(key, ranks):
     r, treedef = _flat_ranks(ranks)
-    p = table[jax.random.randint(key, (), 0, len(fractions))]
-    return _unflatten(treedef, _fraction_of(p, r))
+    i = jax.random.randint(key, (), 0, len(fractions))
+    return _unflatten(treedef, rules.parts_to_rank(nums[i], dens[i], r))
 
   return sample
 
 
 def fixed_fraction(fraction: float) -> Sampler:
-  """Pufferfish-style baseline: every layer always keeps ``ceil(fraction * r_l)``."""
+  """Pufferfish-style baseline: every layer always keeps ``fraction_to_rank(fraction, r_l)``."""
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction}")
 
   def sample(key, ranks):
     del key
     r, treedef = _flat_ranks(ranks)
-    return _unflatten(treedef, _fraction_of(jnp.float32(fraction), r))
+    return _unflatten(treedef, rules.fraction_to_rank(fraction, r))
 
   return sample
-
-
-SAMPLERS: dict[str, Callable[..., Sampler]] = {
-    "single_layer": single_layer,
-    "independent": independent,
-    "shared_fraction": shared_fraction,
-    "fixed_fraction": fixed_fraction,
-    "none": none,
-}
-
-
-def make_sampler(name: str, **kwargs) -> Sampler:
-  """Builds a sampler by name (one of :data:`SAMPLERS`)."""
-  if name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-  return SAMPLERS[name](**kwargs)

@@ -30,7 +30,7 @@ def ranks_from_importance(params: Any, threshold: float,
   return new
 
 
-def round_up(rank: int, quantum: int, capacity: int) -> int:
+def round_up_rank(rank: int, quantum: int, capacity: int) -> int:
   """The smallest multiple of ``quantum`` that holds ``rank``, at most ``capacity``."""
   if quantum < 1:
     raise ValueError(f"quantum must be >= 1, got {quantum}")
@@ -40,7 +40,7 @@ def round_up(rank: int, quantum: int, capacity: int) -> int:
 def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1) -> dict[str, int]:
   """Capacity per layer after shrinking to ``ranks`` with the given quantum."""
   caps = tree.capacities(params)
-  return {name: round_up(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
+  return {name: round_up_rank(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
 
 
 def _slicers(params: Any, ranks: Mapping[str, int], caps: Mapping[str, int]):
@@ -68,7 +68,7 @@ def _slicers(params: Any, ranks: Mapping[str, int], caps: Mapping[str, int]):
 
 def shrink(params: Any, ranks: Mapping[str, int], *, quantum: int = 1, opt_state: Any = None,
            optimizer: optax.GradientTransformation | None = None):
-  """Cuts every factorized layer to ``round_up(rank, quantum)`` components.
+  """Cuts every factorized layer to ``round_up_rank(rank, quantum)`` components.
 
   Parameters and every parameter-shaped part of the optimizer state (momentum,
   Adam moments, ...) are sliced the same way, via ``optax.tree_map_params``.

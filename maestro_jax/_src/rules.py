@@ -1,0 +1,90 @@
+"""The rules every part of the library shares, each written once.
+
+* :func:`fraction_to_rank` — how many of ``n`` components a fraction ``p`` keeps.
+  Samplers, converters, sweep generators, baselines and the runner all call it.
+* The merge rule, :func:`should_merge`: a layer whose factors are not smaller
+  than its kernel, ``(d_in + d_out) r >= d_in d_out``, is deployed as one kernel.
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+
+import jax
+import jax.numpy as jnp
+
+# A fraction is taken as the closest ratio with a denominator up to this, so that
+# 0.07 of 100 is exactly 7 (not 8 through float rounding) and 2/3 of 3 is 2, and
+# the ceiling can run on traced ranks in int32 arithmetic without overflow.
+MAX_DENOMINATOR = 10_000
+
+
+def fraction_parts(p: float) -> tuple[int, int]:
+  """``p`` as the closest ratio ``num / den`` with ``den <= MAX_DENOMINATOR`` (Python ints); checks ``0 < p <= 1``."""
+  p = float(p)
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"fraction must be in (0, 1], got {p}")
+  q = fractions.Fraction(p).limit_denominator(MAX_DENOMINATOR)
+  return max(q.numerator, 1), q.denominator
+
+
+def parts_to_rank(num, den, n):
+  """``clip(ceil(num * n / den), 1, n)`` (0 when ``n`` is 0) in exact integer arithmetic; any argument may be traced."""
+  if all(isinstance(v, int) for v in (num, den, n)):
+    if n < 0:
+      raise ValueError(f"number of components must be >= 0, got {n}")
+    return min(n, max(1, -(-num * n // den))) if n else 0
+  num, den, n = (jnp.asarray(v, jnp.int32) for v in (num, den, n))
+  # ceil(num * n / den) split so every product stays below 2**31 (num <= den <= MAX_DENOMINATOR).
+  k = (n // den) * num + ((n % den) * num + den - 1) // den
+  return jnp.where(n > 0, jnp.clip(k, 1, n), 0).astype(jnp.int32)
+
+
+def fraction_to_rank(p, n):
+  """The number of components a fraction ``p`` of ``n`` keeps: ``ceil(p * n)``, at least 1 (0 when ``n`` is 0).
+
+  The rule every sampler, converter, sweep generator and baseline uses. ``p`` is
+  taken as the closest ratio with a denominator up to 10,000
+  (:func:`fraction_parts`) and the ceiling is exact, so decimal and simple
+  fractions never round the wrong way (0.07 of 100 is 7, 2/3 of 3 is 2). ``n``
+  may be traced (the result is then int32). A traced ``p`` (a random draw inside
+  ``jit``) cannot be approximated that way and is read to 4 decimal places.
+
+  Args:
+    p: fraction in ``(0, 1]``.
+    n: number of components, an int or an int32 array.
+
+  Returns:
+    ``clip(ceil(p * n), 1, n)`` for ``n >= 1``, else 0.
+  """
+  if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and p.ndim == 0:
+    p = float(p)
+  if isinstance(p, (int, float)) and not isinstance(p, bool):
+    num, den = fraction_parts(p)
+    return parts_to_rank(num, den, n)
+  num = jnp.maximum(jnp.round(jnp.asarray(p, jnp.float32) * MAX_DENOMINATOR).astype(jnp.int32), 1)
+  return parts_to_rank(num, MAX_DENOMINATOR, n)
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+
+def full_rank(shape) -> int:
+  """``min(prod(shape[:-1]), shape[-1])`` of a kernel shape: the rank that loses nothing."""
+  return min(math.prod(shape[:-1]), shape[-1])
+
+
+def factorized_weights(d_in: int, d_out: int, rank: int) -> int:
+  """Weights of a rank-``rank`` factor pair, ``(d_in + d_out) * rank``."""
+  return (d_in + d_out) * rank
+
+
+def should_merge(d_in: int, d_out: int, rank: int) -> bool:
+  """The merge rule: a layer is deployed as one kernel when its factors are not smaller, ``(d_in + d_out) r >= d_in d_out``."""
+  return factorized_weights(d_in, d_out, rank) >= d_in * d_out
+
+
+def largest_factorized_rank(d_in: int, d_out: int) -> int:
+  """The largest rank whose factors are smaller than the kernel (the merge rule's boundary, minus one)."""
+  return (d_in * d_out - 1) // (d_in + d_out)
