@@ -24,8 +24,8 @@ VARIANTS = {
 _forward = nnx.jit(lambda model, x: model(x))
 
 
-def _model(variant="learned-tied", factorized=True, init="random", seed=0):
-  return lm.TransformerLM(VOCAB, **TINY, **VARIANTS[variant], factorized=factorized, init=init,
+def _model(variant="learned-tied", factorized=True, init_method="random", seed=0):
+  return lm.TransformerLM(VOCAB, **TINY, **VARIANTS[variant], factorized=factorized, init_method=init_method,
                           rngs=nnx.Rngs(seed))
 
 
@@ -70,7 +70,7 @@ def test_per_token_loss_on_a_hand_made_example():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_factorized_model_at_full_rank_equals_its_dense_twin(variant):
   dense = _model(variant, factorized=False)
-  fact = _model(variant, factorized=True, init="svd")
+  fact = _model(variant, factorized=True, init_method="svd")
   assert not mnnx.capacities(dense)
   x = _tokens((2, TINY["max_len"]))
   y_dense = _forward(dense, x)
