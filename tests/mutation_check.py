@@ -13,6 +13,7 @@ slow runner and comparison tests once per plant, a few minutes in all::
   python tests/mutation_check.py                 # every plant, working tree
   python tests/mutation_check.py --source head   # the last commit instead
   python tests/mutation_check.py --only sgd_weight_decay_dropped --keep
+  python tests/mutation_check.py --dry-run       # only check that every plant still applies
 
 Before anything runs it checks that every plant's old text occurs exactly once
 in its file, and that the unplanted copy passes the same tests; either failing
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
   parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
   parser.add_argument("--skip-baseline", action="store_true", help="do not run the tests on the unplanted copy first")
   parser.add_argument("--report", type=Path, help="also write the markdown table to this file")
+  parser.add_argument("--dry-run", action="store_true", help="only check that the copy imports and every plant applies")
   args = parser.parse_args(argv)
 
   plants = PLANTS
@@ -264,6 +266,9 @@ def main(argv=None) -> int:
     print(f"scratch copy ({args.source}) in {repo}", flush=True)
     check_imports(repo)
     check_plants(plants, repo)
+    if args.dry_run:
+      print(f"all {len(plants)} plants apply; nothing run (--dry-run)")
+      return 0
     all_tests = tuple(dict.fromkeys(t for p in plants for t in p.tests))
     if not args.skip_baseline:
       print(f"baseline: {' '.join(all_tests)}", flush=True)
