@@ -129,3 +129,43 @@ def test_cli_errors(workdir, tmp_path):
     deploy.export_cli(["--checkpoint", str(workdir)])
   assert info.value.code == 2
   assert not (tmp_path / "x" / "report.json").exists()
+
+
+def _tree_bytes(folder):
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_re_export_leaves_the_previous_export_whole(workdir, tmp_path, monkeypatch):
+  out = tmp_path / "export"
+  base = ["--checkpoint", str(workdir), "--out", str(out), "--latency-runs", "2"]
+  first = deploy.export_cli(base + ["--ranks", "layers.0=8"])
+  before = _tree_bytes(out)
+
+  def failing_save(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(deploy.export_lib.ocp.StandardCheckpointer, "save", failing_save)
+  message = _error(deploy.export_cli, base + ["--ranks", "layers.0=4"])
+  assert message == "maestro-export: error: No space left on device"
+  assert _tree_bytes(out) == before  # byte-identical, and no temporary folder left beside it
+  assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md"]
+  monkeypatch.undo()
+  assert deploy.load_model(out)[3]["ranks"] == first["ranks"]
+
+
+def test_export_at_rank_zero_keeps_the_bias(workdir, tmp_path):
+  out = tmp_path / "export"
+  report = deploy.export_cli(["--checkpoint", str(workdir), "--ranks", "layers.0=0", "--out", str(out),
+                              "--latency-runs", "2"])
+  model, params, state, saved = deploy.load_model(out)
+  assert saved["ranks"]["layers.0"] == 0 and params["layers"][0]["a"].shape == (64, 0)
+  assert report["after"]["params"] == 32 + 32 * 10 + 10  # the first layer is its bias alone
+
+
+def test_export_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(deploy, "_load_run", lambda *a, **k: pytest.fail("loaded the run before checking the flags"))
+  for flag, value in (("--min-rank", "-1"), ("--step", "0"), ("--latency-runs", "0")):
+    message = _error(deploy.export_cli, ["--checkpoint", str(tmp_path), "--budget-macs", "100", flag, value])
+    assert message == f"maestro-export: error: {flag} must be >= {0 if flag == '--min-rank' else 1}, got {value}"
+  _error(deploy.export_cli, ["--checkpoint", str(tmp_path), "--budget-macs", "100", "--step", "0", "--debug"])
+  assert "Traceback" in capsys.readouterr().err

@@ -203,12 +203,14 @@ def _garble(step_dir: Path) -> None:
       f.write_bytes(b"\x00garbage" * 8)
 
 
+# Orbax leaves the futures of a failed TensorStore read to finish after its event loop closed; harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, capfd):
   config = tiny_config(epochs=1)
   train_lib.train_and_evaluate(config, tmp_path, progress=False)
   assert _steps(tmp_path) == [15, 20, 22]
   _garble(tmp_path / "checkpoints" / "22")
-  (tmp_path / "checkpoints" / "20" / "_CHECKPOINT_METADATA").write_bytes(b"\xff\xfe not json")
+  (tmp_path / "checkpoints" / "20" / "meta" / "metadata").write_bytes(b"\xff\xfe not json")
   (tmp_path / "checkpoints" / "30").mkdir()  # a stray folder
   capfd.readouterr()
   run = train_lib.load_run(tmp_path)  # what sweep and export see: a warning and the newest good step
@@ -234,6 +236,7 @@ def test_export_reads_no_optimizer_state(tmp_path):
   assert int(run.state["step"]) == 22 and "opt_state" not in run.state
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_checkpoints_that_all_fail_are_never_silently_replaced(tmp_path):
   train_lib.train_and_evaluate(tiny_config(epochs=1, checkpoint_every_steps=100), tmp_path, progress=False)
   _garble(tmp_path / "checkpoints" / "22")
@@ -262,7 +265,11 @@ def test_a_second_live_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
 
 
 def test_changed_epochs_are_refused_unless_allowed_then_recorded_and_wall_time_adds_up(tmp_path):
-  first = train_lib.train_and_evaluate(tiny_config(epochs=1), tmp_path, progress=False)
+  train_lib.train_and_evaluate(tiny_config(epochs=1), tmp_path, progress=False)
+  manager = train_lib._checkpoint_manager(tmp_path, tiny_config(epochs=1))
+  first_checkpoint_seconds = manager.restore(22, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"][
+      "wall_seconds"]
+  manager.close()
   saved_config = (tmp_path / "config.json").read_text()
   message = _cli_error(["epochs=2", *TINY_OVERRIDES, "--workdir", str(tmp_path), "--no-progress"])
   assert "resuming" in message and "changed trajectory (epochs: 1 -> 2)" in message and "--allow-changes" in message
@@ -271,8 +278,8 @@ def test_changed_epochs_are_refused_unless_allowed_then_recorded_and_wall_time_a
   changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
   assert changes == [{"step": 22, "changes": {"epochs": [1, 2]}}]
   assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 2
-  # The summary counts both sessions: at least the first's time plus the second's epoch.
-  assert second["wall_seconds"] >= first["wall_seconds"] + _records(tmp_path)[1]["epoch_seconds"] - 0.1
+  # The summary counts both sessions: the first's time (as its last checkpoint recorded it) plus the second's.
+  assert second["wall_seconds"] >= first_checkpoint_seconds + _records(tmp_path)[1]["epoch_seconds"] - 0.05
 
 
 # ----------------------------------------------------------------------------- 11. one-line CLI errors
