@@ -217,7 +217,7 @@ def _layer_count(name: str, node: Mapping, factorized: bool, keep: int | None, p
 def _general_dims(model: nnx.Module) -> dict[str, tuple[int, int]]:
   """``(d_in, d_out)`` of every ``nnx.LinearGeneral`` (whose kernel shape alone does not tell them)."""
   return {tree.path_name(path): (_size(m.in_features), _size(m.out_features))
-          for path, m in mnnx._iter_modules(model) if path and isinstance(m, nnx.LinearGeneral)}
+          for path, m in mnnx.iter_modules(model) if path and isinstance(m, nnx.LinearGeneral)}
 
 
 def count(params_or_model: Any, keeps: Mapping[str, Any] | None = None,
@@ -267,7 +267,7 @@ _RECORDING_CLASSES: dict[type, type] = {}
 
 
 def _out_features(module: nnx.Module) -> int:
-  if isinstance(module, mnnx._Factorized):
+  if isinstance(module, mnnx.FactorizedModule):
     return int((module.kernel if module.merged else module.b)[...].shape[-1])
   if isinstance(module, nnx.LinearGeneral):
     return _size(module.out_features)
@@ -289,7 +289,7 @@ def _recording_class(cls: type) -> type:
   return _RECORDING_CLASSES[cls]
 
 
-_WEIGHT_LAYERS = (mnnx._Factorized, nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+_WEIGHT_LAYERS = (mnnx.FactorizedModule, nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 
 
 def layer_positions(model: nnx.Module, input_shape: Sequence[int], *, dtype=jnp.float32,
@@ -321,7 +321,7 @@ def layer_positions(model: nnx.Module, input_shape: Sequence[int], *, dtype=jnp.
   def run(state, x):
     copy = nnx.merge(graphdef, state, copy=True)
     ids = {}
-    for path, module in list(mnnx._iter_modules(copy)):
+    for path, module in list(mnnx.iter_modules(copy)):
       if path and isinstance(module, _WEIGHT_LAYERS):
         module.__class__ = _recording_class(type(module))
         ids[id(module)] = tree.path_name(path)

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from maestro_jax import nnx as mnnx
-from maestro_jax import training
+from maestro_jax import functional
 from maestro_jax._src import factorized as core
 from maestro_jax._src import kinds
 from maestro_jax._src import rules
@@ -128,8 +128,8 @@ def layer_forms(params: PyTree) -> dict[str, dict[str, Any]]:
   return out
 
 
-def _factorized_modules(model: nnx.Module) -> list[tuple[tuple, mnnx._Factorized]]:
-  return [(path, m) for path, m in mnnx._iter_modules(model) if path and isinstance(m, mnnx._Factorized)]
+def _factorized_modules(model: nnx.Module) -> list[tuple[tuple, mnnx.FactorizedModule]]:
+  return [(path, m) for path, m in mnnx.iter_modules(model) if path and isinstance(m, mnnx.FactorizedModule)]
 
 
 def _lookup(params: PyTree, path: tuple) -> Any:
@@ -188,17 +188,21 @@ def export_module(model: nnx.Module, ranks: Mapping[str, int] | None = None, *, 
   return module_from_exported(model, export(params, ranks, merge=merge, dense=dense))
 
 
-def export_functional(model: training.FunctionalModel, params: PyTree, model_state: PyTree,
+def export_functional(model: functional.FunctionalModel | functional.LinenModel, params: PyTree, model_state: PyTree,
                       ranks: Mapping[str, int] | None = None, *, merge: str = "auto",
-                      dense: Iterable[str] = ()) -> tuple[training.FunctionalModel, dict, dict]:
-  """Exports a functional model: ``(exported FunctionalModel, its params, its model state)``.
+                      dense: Iterable[str] = ()) -> tuple[Any, dict, dict]:
+  """Exports a model's view (NNX or Linen): ``(exported view, its params, its model state)``.
 
-  The exported model's ``apply(params, model_state, x)`` (no keep counts needed)
-  equals ``model.apply(params, model_state, x, ranks)`` up to float rounding.
+  The exported view's ``apply(params, model_state, x)`` (no keep counts needed)
+  equals ``model.apply(params, model_state, x, ranks)`` up to float rounding. A
+  Linen module reads sliced factors and merged kernels as they are, so its view
+  is unchanged; an NNX module is rebuilt with merged layers where needed.
   """
   exported = export(params, ranks, merge=merge, dense=dense)
+  if isinstance(model, functional.LinenModel):
+    return model, exported, dict(model_state)
   module = module_from_exported(model.to_module(params, model_state), exported, model_state)
-  return training.FunctionalModel.from_module(module)
+  return functional.FunctionalModel.from_module(module)
 
 
 # ------------------------------------------------------------------------------------------ save / load
@@ -453,7 +457,7 @@ class LayerTiming:
   input_shape: tuple[int, ...]
 
 
-def _layer_fn(layer: mnnx._Factorized) -> Callable:
+def _layer_fn(layer: mnnx.FactorizedModule) -> Callable:
   if isinstance(layer, mnnx.Conv):
     return lambda p, x: core.conv(p, x, None, strides=layer.strides, padding=layer.padding,
                                   dilation=layer.kernel_dilation, dtype=layer.dtype, precision=layer.precision)

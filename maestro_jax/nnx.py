@@ -28,7 +28,7 @@ from maestro_jax._src import factorized as core
 from maestro_jax._src import rules
 from maestro_jax._src import tree
 
-__all__ = ["KeepCount", "Linear", "LinearGeneral", "Conv", "MultiHeadAttention", "factorized_layers", "capacities",
+__all__ = ["KeepCount", "FactorizedModule", "iter_modules", "Linear", "LinearGeneral", "Conv", "MultiHeadAttention", "factorized_layers", "capacities",
            "keep_counts", "set_keep_counts", "factorize"]
 
 
@@ -48,7 +48,8 @@ def set_value(variable: nnx.Variable, value) -> None:
     variable.value = value
 
 
-def _iter_modules(model):
+def iter_modules(model):
+  """``(path, module)`` of every sub-module, on any flax version."""
   if hasattr(nnx, "iter_modules"):
     return nnx.iter_modules(model)
   return model.iter_modules()
@@ -58,8 +59,8 @@ class KeepCount(nnx.Variable):
   """The keep count of one factorized layer: an int32 scalar, ``0 <= keep <= capacity``."""
 
 
-class _Factorized(nnx.Module):
-  """Shared state and helpers of :class:`Linear` and :class:`Conv`."""
+class FactorizedModule(nnx.Module):
+  """Base of every factorized NNX layer (:class:`Linear`, :class:`LinearGeneral`, :class:`Conv`): factors, bias, keep count."""
 
   def _set_factors(self, params: core.Params) -> None:
     self.a = nnx.Param(params["a"])
@@ -103,7 +104,7 @@ class _Factorized(nnx.Module):
     return get_value(self.keep) if keep is None else keep
 
 
-class Linear(_Factorized):
+class Linear(FactorizedModule):
   """Factorized dense layer ``y = ((x @ A) * mask) @ B + bias``.
 
   Input ``(..., in_features)``, output ``(..., out_features)``.
@@ -149,7 +150,7 @@ class Linear(_Factorized):
     return layer
 
 
-class LinearGeneral(_Factorized):
+class LinearGeneral(FactorizedModule):
   """Factorized ``nnx.LinearGeneral``: contracts ``axis`` (of sizes ``in_features``) into ``out_features`` axes.
 
   Stored as a dense layer over the flattened axes (``A`` is ``(prod(in_features), r)``,
@@ -199,7 +200,7 @@ class LinearGeneral(_Factorized):
     return layer
 
 
-class Conv(_Factorized):
+class Conv(FactorizedModule):
   """Factorized 2-D convolution: a ``kh x kw`` conv ``in -> r`` then a 1x1 conv ``r -> out``.
 
   Input ``(..., H, W, in_features)`` (NHWC), output ``(..., H', W', out_features)``.
@@ -300,9 +301,9 @@ class MultiHeadAttention(nnx.Module):
 # ----------------------------------------------------------------------------- model helpers
 
 
-def factorized_layers(model: nnx.Module) -> dict[str, _Factorized]:
+def factorized_layers(model: nnx.Module) -> dict[str, FactorizedModule]:
   """Every factorized layer of ``model`` keyed by its dotted module path, in graph order."""
-  return {tree.path_name(path): m for path, m in _iter_modules(model) if isinstance(m, _Factorized)}
+  return {tree.path_name(path): m for path, m in iter_modules(model) if isinstance(m, FactorizedModule)}
 
 
 def capacities(model: nnx.Module) -> dict[str, int]:
@@ -418,7 +419,7 @@ def factorize(model: nnx.Module, *, rank_fraction: float | None = None, ranks: M
   def rank_of(full: int, name: str) -> int | None:
     return convert.layer_rank(full, name, rank_fraction=rank_fraction, ranks=ranks)
 
-  found = {tree.path_name(path): (path, module) for path, module in _iter_modules(model)
+  found = {tree.path_name(path): (path, module) for path, module in iter_modules(model)
            if path and isinstance(module, _CONVERTIBLE + _TRANSPOSED)}
   attention_parts = {f"{name}.{w}" for name, (_, m) in found.items() if isinstance(m, nnx.MultiHeadAttention)
                      for w in convert.ATTENTION_PROJECTIONS}

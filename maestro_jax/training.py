@@ -13,97 +13,20 @@ change that keeps the capacity never recompiles.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from maestro_jax import models
-from maestro_jax import nnx as mnx
+from maestro_jax.functional import FunctionalModel  # noqa: F401  (the train step's model type; re-exported)
 from maestro_jax._src import regularizers
 from maestro_jax._src import sampling
 from maestro_jax._src import tree
 
 PyTree = Any
 LOSSES = ("maestro", "distill", "decomposable")
-
-
-def _copy(state: nnx.State) -> nnx.State:
-  return jax.tree.map(lambda v: v, state)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FunctionalModel:
-  """A pure-function view of an NNX model: ``apply(params, model_state, x, keeps, train)``."""
-  graphdef: Any
-  param_template: nnx.State
-  keep_template: nnx.State
-  state_template: nnx.State
-
-  @classmethod
-  def from_module(cls, model: nnx.Module) -> tuple[FunctionalModel, dict, dict]:
-    """Splits ``model``; returns the functional view, its params and its model state (pure dicts)."""
-    graphdef, params, keeps, rest = nnx.split(model, nnx.Param, mnx.KeepCount, ...)
-    fm = cls(graphdef, params, keeps, rest)
-    return fm, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-  def states(self, params: Mapping, model_state: Mapping) -> tuple[nnx.State, nnx.State, nnx.State]:
-    """``(params, keep counts, rest)`` as NNX states for ``nnx.merge(graphdef, *states)``.
-
-    Keep counts default to each layer's (possibly shrunk) capacity.
-    """
-    param_state, keep_state, rest = _copy(self.param_template), _copy(self.keep_template), _copy(self.state_template)
-    nnx.replace_by_pure_dict(param_state, dict(params))
-    nnx.replace_by_pure_dict(rest, dict(model_state))
-    nnx.replace_by_pure_dict(keep_state, _keep_dict(params, tree.layer_paths(params)))
-    return param_state, keep_state, rest
-
-  def to_module(self, params: Mapping, model_state: Mapping, keeps: Mapping[str, Any] | None = None) -> nnx.Module:
-    """Rebuilds an NNX module holding the given params (any capacities), state and keep counts."""
-    model = nnx.merge(self.graphdef, *self.states(params, model_state))
-    if keeps:
-      mnx.set_keep_counts(model, keeps)
-    return model
-
-  def apply(self, params: Mapping, model_state: Mapping, x: jax.Array, keeps: Mapping[str, Any] | None = None,
-            *, train: bool = False) -> tuple[jax.Array, dict]:
-    """Runs the model; returns ``(outputs, new_model_state)``."""
-    model = self.to_module(params, model_state, keeps)
-    out = model(x, train=train)
-    return out, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Any(nnx.Param, mnx.KeepCount))))
-
-  def recalibrate(self, params: Mapping, model_state: Mapping, images: jax.Array,
-                  keeps: Mapping[str, Any] | None = None) -> dict:
-    """``model_state`` with BatchNorm statistics recomputed over calibration batches ``images (n, B, ...)``.
-
-    Pure and jittable; vmap it over keep counts to recalibrate many rank
-    settings at once.
-    """
-    def run(model, x):
-      if keeps:
-        mnx.set_keep_counts(model, keeps)
-      return model(x, train=True)
-
-    stats = models.batch_norm_statistics(self.graphdef, self.states(params, model_state), images, apply=run)
-    merged = _copy(self.state_template)
-    nnx.replace_by_pure_dict(merged, dict(model_state))
-    merged = nnx.merge_state(merged, stats)
-    return nnx.to_pure_dict(merged)
-
-
-def _keep_dict(params, paths) -> dict:
-  """The pure keep-count dict of an NNX model: ``{..path: {'keep': capacity}}``."""
-  out: dict = {}
-  for name, cap in tree.capacities(params).items():
-    node = out
-    for key in paths[name]:
-      node = node.setdefault(key, {})
-    node["keep"] = jnp.asarray(cap, jnp.int32)
-  return out
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
