@@ -7,8 +7,6 @@ optimizer that returns ``-grads`` and keeps the gradients as its state exposes
 the exact gradient each step used.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,20 +108,24 @@ def _assert_trees_close(got, want, tol=TOL):
 # ----------------------------------------------------------------------------- keep counts come from the sampler
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _RecordingModel(training.FunctionalModel):
-  """The functional model, recording (on the host) the keep counts of every forward pass."""
-  seen: list = dataclasses.field(default_factory=list)
+class _RecordingModel:
+  """A functional model that records (on the host) the keep counts of every forward pass it runs."""
 
-  def apply(self, params, model_state, x, keeps=None, *, train=False):
+  def __init__(self, model):
+    self.model, self.seen = model, []
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def apply(self, params, model_state, x, keeps=None, **kwargs):
     jax.debug.callback(lambda k: self.seen.append({n: int(v) for n, v in k.items()}), keeps)
-    return super().apply(params, model_state, x, keeps, train=train)
+    return self.model.apply(params, model_state, x, keeps, **kwargs)
 
 
 @pytest.mark.parametrize("sampler_name", ["single_layer", "independent", "decomposable"])
 def test_train_step_uses_the_sampler_keep_counts(sampler_name):
   fmodel, params, model_state, batch = _tiny()
-  recording = _RecordingModel(fmodel.graphdef, fmodel.param_template, fmodel.keep_template, fmodel.state_template)
+  recording = _RecordingModel(fmodel)
   sampler = mj.decomposable_sampler() if sampler_name == "decomposable" else mj.make_sampler(sampler_name)
   optimizer = optax.sgd(0.1)
   step = training.make_train_step(recording, optimizer, sampler=sampler, donate=False)
