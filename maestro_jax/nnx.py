@@ -28,8 +28,8 @@ from maestro_jax._src import factorized as core
 from maestro_jax._src import rules
 from maestro_jax._src import tree
 
-__all__ = ["KeepCount", "FactorizedModule", "iter_modules", "Linear", "LinearGeneral", "Conv", "MultiHeadAttention", "factorized_layers", "capacities",
-           "keep_counts", "set_keep_counts", "factorize"]
+__all__ = ["KeepCount", "FactorizedModule", "iter_modules", "Linear", "LinearGeneral", "Conv", "MultiHeadAttention",
+           "factorized_layers", "capacities", "keep_counts", "set_keep_counts", "reset_keep_counts", "factorize"]
 
 
 # Marks an attribute as pytree data even when it is None (flax >= 0.12 needs this to later hold a Param).
@@ -327,6 +327,16 @@ def set_keep_counts(model: nnx.Module, keeps: Mapping[str, Any]) -> None:
     layer = layers[name]
     keep = core._check_keep(keep, layer.capacity, name)
     set_value(layer.keep, jnp.asarray(keep, jnp.int32))
+
+
+def reset_keep_counts(model: nnx.Module) -> None:
+  """Returns every factorized layer of ``model`` to full rank (keep count = capacity), in place.
+
+  Keep counts written by :func:`set_keep_counts` persist in the model; the
+  functional views (``maestro_jax.functional``) pass keep counts per call instead.
+  """
+  for layer in factorized_layers(model).values():
+    set_value(layer.keep, jnp.asarray(layer.capacity, jnp.int32))
 
 
 def _parent_and_key(model: nnx.Module, path: tuple):

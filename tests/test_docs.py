@@ -6,6 +6,7 @@ import inspect
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -34,3 +35,5 @@ def test_readme_python_examples_run():
   for block in blocks:
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
   assert namespace["y"].shape == (1, 10)
+  assert namespace["full"].shape == (16, 10) and namespace["small"].shape == (16, 10)
+  assert not jnp.allclose(namespace["full"], namespace["small"])  # the keep counts were applied
