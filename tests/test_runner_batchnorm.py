@@ -1,4 +1,4 @@
-"""The runner recalibrates BatchNorm statistics before it evaluates (DESIGN.md, "Normalization layers").
+"""The runner recalibrates BatchNorm statistics before it evaluates (docs/design.md).
 
 The zoo's BatchNorm models (VGG-19, ResNet-18) are slow to compile, so the
 runner's ``build_model`` is swapped for a tiny factorized MLP with one

@@ -1,4 +1,4 @@
-"""The paper's linear experiments: ordered dropout recovers SVD / PCA order (DESIGN.md, "Theory (tests)").
+"""The paper's linear experiments: ordered dropout recovers SVD / PCA order (docs/design.md).
 
 Every run uses plain SGD on a single factorized dense layer with random (not SVD) init,
 keep counts drawn per step by ``single_layer`` from a PRNG key, and the whole run as one

@@ -37,7 +37,7 @@ def test_every_named_config_loads_and_validates():
   assert {"digits_mlp", "mnist_lenet", "fashion_mnist_lenet", "cifar10_resnet18", "cifar10_vgg19",
           "mnist_transformer"} <= set(config_lib.available())
   for name in config_lib.available():
-    assert config_lib.load(name).validate().model in config_lib.CHOICES["model"]
+    assert config_lib.load(name).validate().model in config_lib.registry_choices()["model"]
 
 
 def test_overrides_parse_literals_and_reject_bad_values():

@@ -14,14 +14,19 @@ from typing import Any
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
+# The runner's own choices; datasets, models, samplers and losses are checked
+# against the library's registries (see registry_choices).
 CHOICES = {
-    "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
-    "model": ("mlp", "lenet5", "vgg19", "resnet18", "transformer"),
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("constant", "step", "cosine"),
-    "sampler": ("single_layer", "independent", "shared_fraction", "fixed_fraction", "none", "decomposable"),
-    "loss": ("maestro", "distill", "decomposable"),
 }
+
+
+def registry_choices() -> dict[str, tuple[str, ...]]:
+  """The valid values of the fields the library's registries own (imported only when a config is checked)."""
+  from maestro_jax import data, models, samplers, training  # pylint: disable=import-outside-toplevel
+  return {"dataset": tuple(data.DATASETS), "model": tuple(models.MODELS), "sampler": tuple(samplers.SAMPLERS),
+          "loss": tuple(training.LOSSES)}
 
 
 @dataclasses.dataclass
@@ -64,7 +69,7 @@ class Config:
     """Checks every field's type and range; raises ValueError with a one-line message."""
     for field in dataclasses.fields(self):
       setattr(self, field.name, _typed(field.name, getattr(self, field.name), _field_types()[field.name]))
-    for field, choices in CHOICES.items():
+    for field, choices in {**CHOICES, **registry_choices()}.items():
       value = getattr(self, field)
       if value not in choices:
         raise ValueError(f"config: {field}={value!r} is not valid; choose one of {', '.join(choices)}")

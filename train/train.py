@@ -69,9 +69,7 @@ def make_optimizer(config: config_lib.Config, total_steps: int) -> optax.Gradien
   return optax.adamw(schedule, weight_decay=config.weight_decay)
 
 
-def make_sampler(config: config_lib.Config) -> maestro_jax.Sampler:
-  if config.sampler == "decomposable":
-    return maestro_jax.decomposable_sampler(**config.sampler_kwargs)
+def make_sampler(config: config_lib.Config) -> maestro_jax.Sampler | maestro_jax.ParamSampler:
   return maestro_jax.make_sampler(config.sampler, **config.sampler_kwargs)
 
 
