@@ -85,7 +85,7 @@ def test_nan_stop_never_saves_a_non_finite_state_and_the_advised_rerun_works(tmp
     train_lib.train_and_evaluate(config, tmp_path, progress=False)
   message = str(info.value)
   newest = _steps(tmp_path)[-1]
-  assert f"the newest finite checkpoint, step {newest}, is kept" in message and "None" not in message
+  assert f"The newest finite checkpoint, step {newest}, is kept" in message and "None" not in message
   manager = train_lib._checkpoint_manager(tmp_path, config)
   for step in _steps(tmp_path):  # Every kept checkpoint is finite.
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -99,7 +99,7 @@ def test_nan_stop_never_saves_a_non_finite_state_and_the_advised_rerun_works(tmp
 
 
 def test_nan_stop_without_a_checkpoint_says_so(tmp_path):
-  with pytest.raises(train_lib.NonFiniteLossError, match=r"loss is (nan|inf) at step 5; stopped. no checkpoint was"):
+  with pytest.raises(train_lib.NonFiniteLossError, match=r"loss is (nan|inf) at step 5; stopped. No checkpoint was"):
     train_lib.train_and_evaluate(tiny_config(epochs=1, learning_rate=1e12, checkpoint_every_steps=100), tmp_path,
                                  progress=False)
 

@@ -444,8 +444,8 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
     manager.wait_until_finished()
     newest = manager.latest_step()
     if newest is None:
-      return f"no checkpoint was saved; start over with a lower learning_rate or lasso (add --fresh)"
-    return (f"the newest finite checkpoint, step {newest}, is kept in {workdir / 'checkpoints'}; "
+      return "No checkpoint was saved; start over with a lower learning_rate or lasso (add --fresh)"
+    return (f"The newest finite checkpoint, step {newest}, is kept in {workdir / 'checkpoints'}; "
             "start over with a lower learning_rate or lasso (add --fresh)")
 
   def save(step):
