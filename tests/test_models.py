@@ -15,11 +15,11 @@ from maestro_jax import models
 CASES = {
     "mlp": ((4, 4, 1), {"hidden": (8, 6)}),
     "lenet5": ((28, 28, 1), {}),  # the default SVD init; the others use 'random' (no SVD: faster)
-    "vgg19-batch": ((8, 8, 3), {"width": 4, "init": "random"}),
-    "vgg19-group": ((8, 8, 3), {"width": 4, "norm": "group", "init": "random"}),
-    "resnet18-batch": ((8, 8, 3), {"width": 4, "init": "random"}),
-    "resnet18-group-imagenet": ((8, 8, 3), {"width": 4, "norm": "group", "stem": "imagenet", "init": "random"}),
-    "transformer": ((6, 5, 1), {"d_model": 8, "num_heads": 2, "num_layers": 1, "mlp_dim": 16, "init": "random"}),
+    "vgg19-batch": ((8, 8, 3), {"width": 4, "init_method": "random"}),
+    "vgg19-group": ((8, 8, 3), {"width": 4, "norm": "group", "init_method": "random"}),
+    "resnet18-batch": ((8, 8, 3), {"width": 4, "init_method": "random"}),
+    "resnet18-group-imagenet": ((8, 8, 3), {"width": 4, "norm": "group", "stem": "imagenet", "init_method": "random"}),
+    "transformer": ((6, 5, 1), {"d_model": 8, "num_heads": 2, "num_layers": 1, "mlp_dim": 16, "init_method": "random"}),
 }
 
 
