@@ -98,6 +98,17 @@ def test_nan_stop_never_saves_a_non_finite_state_and_the_advised_rerun_works(tmp
   assert [r["epoch"] for r in _records(tmp_path)] == [1]
 
 
+# A learning rate beyond float32's range overflows when cast: the first update makes the state infinite.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_state_made_non_finite_by_the_update_is_not_saved(tmp_path):
+  # The loss (computed before the update) is finite; the state after it is not, and is not saved.
+  with pytest.raises(train_lib.NonFiniteLossError, match=r"^the train state is not finite at step 1; stopped. "
+                                                         r"No checkpoint was saved; start over"):
+    train_lib.train_and_evaluate(tiny_config(epochs=1, learning_rate=1e39, checkpoint_every_steps=1,
+                                             log_every_steps=100), tmp_path, progress=False)
+  assert _steps(tmp_path) == []
+
+
 def test_nan_stop_without_a_checkpoint_says_so(tmp_path):
   with pytest.raises(train_lib.NonFiniteLossError, match=r"loss is (nan|inf) at step 5; stopped. No checkpoint was"):
     train_lib.train_and_evaluate(tiny_config(epochs=1, learning_rate=1e12, checkpoint_every_steps=100), tmp_path,
@@ -126,8 +137,9 @@ def test_signal_saves_once_says_where_to_resume_and_exits_128_plus_signal(tmp_pa
   lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("WARNING", "I0000", "W0000"))]
   assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
   name = signal.Signals(signum).name
-  match = re.fullmatch(rf"maestro-train: stopped by {name} (at step \d+; saved, rerun the same command to resume from "
-                       r"step (\d+) .*|after the run finished \(step (\d+) is saved\))", lines[0])
+  # The step it stopped at is the step saved: nothing trained is lost.
+  match = re.fullmatch(rf"maestro-train: stopped by {name} (at step (\d+); saved, rerun the same command to resume "
+                       r"from step \2 .*|after the run finished \(step (\d+) is saved\))", lines[0])
   assert match, lines[0]
   step = int(match.group(2) or match.group(3))
   assert _steps(tmp_path)[-1] == step

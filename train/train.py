@@ -120,8 +120,9 @@ class Shards:
 def _checkpoint_manager(workdir: Path, config: config_lib.Config, *, read_only: bool = False
                         ) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: a save cut short by a kill leaves a temporary folder; it is ours to remove.
+  # A reader (sweep, export) neither creates nor cleans anything (Orbax's read_only option would log warnings).
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
-                                         read_only=read_only, cleanup_tmp_directories=not read_only)
+                                         cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
                                item_names=("state", "meta"))
 
