@@ -80,3 +80,8 @@ def test_linen_dense_general_converts_exactly_and_sweeps():
   assert float(jnp.max(jnp.abs(layer.apply(truncated, x) - expected))) <= 1e-5
   with pytest.raises(ValueError, match=r"unknown DenseGeneral layers \['nope'\]"):
     mln.factorize_params(variables["params"], general={"nope": 1})
+
+
+def test_non_finite_kernel_is_one_clear_error():
+  with pytest.raises(ValueError, match=r"layer 'fc': the kernel has 2 non-finite entries"):
+    mj.factorize_kernel(jnp.asarray([[1.0, jnp.nan], [jnp.inf, 0.0]]), name="fc")

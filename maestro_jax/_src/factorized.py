@@ -359,7 +359,11 @@ def factorize_matrix(kernel: Array, rank: int | None = None, *, name: str | None
   dtype = kernel.dtype
   try:
     # A concrete kernel is split in float64 so the float32 factors reproduce it to rounding.
-    p, s, qt = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=False)
+    matrix = np.asarray(kernel, np.float64)
+    if not np.all(np.isfinite(matrix)):
+      raise ValueError(f"{_layer(name)}: the kernel has {int(np.sum(~np.isfinite(matrix)))} non-finite entries "
+                       "(NaN or inf); it cannot be factorized")
+    p, s, qt = np.linalg.svd(matrix, full_matrices=False)
     xp = np
   except jax.errors.TracerArrayConversionError:
     p, s, qt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
