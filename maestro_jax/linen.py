@@ -164,7 +164,7 @@ class Conv(_Factorized):
     if self.feature_group_count != 1:
       raise ValueError(f"layer {self.name!r}: feature_group_count={self.feature_group_count} is not supported; "
                        "factorized convolutions need feature groups of 1")
-    kernel_size = core._pairs(self.kernel_size, 2, "kernel_size", self.name)
+    kernel_size = core.int_pairs(self.kernel_size, 2, "kernel_size", self.name)
     params = self._factors(kernel_size + (x.shape[-1], self.features))
     return core.conv(params, x, self._keep(keep), strides=self.strides, padding=self.padding,
                      dilation=self.kernel_dilation, dtype=self.dtype, precision=self.precision, name=self.name)
@@ -243,7 +243,7 @@ def set_keep_counts(variables: Mapping, keeps: Mapping[str, Any]) -> dict:
   collection = variables.get(KEEP_COLLECTION) or init_keep_counts(params)
   flat = traverse_util.flatten_dict(dict(collection))
   for name, keep in keeps.items():
-    keep = core._check_keep(keep, caps[name], name)
+    keep = core.check_keep(keep, caps[name], name)
     flat[paths[name] + ("keep",)] = jnp.asarray(keep, jnp.int32)
   out = dict(variables)
   out[KEEP_COLLECTION] = traverse_util.unflatten_dict(flat)

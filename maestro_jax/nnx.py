@@ -223,7 +223,7 @@ class Conv(FactorizedModule):
                kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1, rank: int | None = None,
                use_bias: bool = True, init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None,
                param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
-    kernel_size = core._pairs(kernel_size, 2, "kernel_size", "Conv")
+    kernel_size = core.int_pairs(kernel_size, 2, "kernel_size", "Conv")
     if feature_group_count != 1:
       raise ValueError(f"Conv({in_features}->{out_features}): feature_group_count={feature_group_count} is not "
                        "supported; factorized convolutions need feature groups of 1")
@@ -325,7 +325,7 @@ def set_keep_counts(model: nnx.Module, keeps: Mapping[str, Any]) -> None:
   tree.check_names(keeps, layers, "layers in keep counts")
   for name, keep in keeps.items():
     layer = layers[name]
-    keep = core._check_keep(keep, layer.capacity, name)
+    keep = core.check_keep(keep, layer.capacity, name)
     set_value(layer.keep, jnp.asarray(keep, jnp.int32))
 
 

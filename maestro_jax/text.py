@@ -520,7 +520,7 @@ def train_batches(source: TextSource, batch_size: int, length: int, *, seed: int
   Raises:
     ValueError: bad sizes, seeds or positions (raised here, not on iteration).
   """
-  index, count = data._process(process_index, process_count)  # pylint: disable=protected-access
+  index, count = data.process_shard(process_index, process_count)
   if batch_size < 1 or batch_size % count:
     raise ValueError(f"batch_size must be a positive multiple of process_count={count}, got {batch_size}")
   if seed < 0 or epoch < 0:
@@ -620,7 +620,7 @@ def eval_batches(source: TextSource, batch_size: int, length: int, *, stride: in
     processes (fewer with ``max_windows``).
   """
   stride = _eval_stride(length, stride)
-  index, count = data._process(process_index, process_count)  # pylint: disable=protected-access
+  index, count = data.process_shard(process_index, process_count)
   if batch_size < 1 or batch_size % count:
     raise ValueError(f"batch_size must be a positive multiple of process_count={count}, got {batch_size}")
   windows = num_eval_windows(len(source), length, stride=stride)

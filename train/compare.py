@@ -128,7 +128,7 @@ def _subset_idx(source_dir: Path, target: Path, sizes: tuple[int, int]) -> Path:
   target.mkdir(parents=True, exist_ok=True)
   for split, n in zip(("train", "test"), sizes):
     images, labels = data_lib.load_idx_split(source_dir, split)
-    stem_images, stem_labels = data_lib._IDX_FILES[split]  # pylint: disable=protected-access
+    stem_images, stem_labels = data_lib.IDX_FILES[split]
     data_lib.write_idx(target / stem_images, images[:n, ..., 0])
     data_lib.write_idx(target / stem_labels, labels[:n].astype(np.uint8))
   return target

@@ -57,7 +57,7 @@ def _check_factors(params: Params, name: str | None) -> None:
         "(need A[..., r] and B[r, d_out])")
 
 
-def _check_keep(keep: KeepCount, cap: int, name: str | None) -> KeepCount:
+def check_keep(keep: KeepCount, cap: int, name: str | None) -> KeepCount:
   """Validates a keep count: static ints are range-checked, traced ones must be integer scalars."""
   if keep is None:
     return cap
@@ -117,7 +117,7 @@ def _inner(params, x, keep, name, first_factor, precision):
       raise ValueError(f"{_layer(name)}: a merged (dense) layer cannot keep {keep} of its {full} components")
     return _add_bias(first_factor(x, params["kernel"]), params.get("bias"))
   cap = capacity(params)
-  keep = _check_keep(keep, cap, name)
+  keep = check_keep(keep, cap, name)
   if isinstance(keep, int):
     if keep < cap:
       params = truncate_layer(params, keep)
@@ -193,7 +193,7 @@ def dense_general(params: Params, x: Array, keep: KeepCount = None, *, axis: int
   return y.reshape(batch_shape + features)
 
 
-def _pairs(value, n: int, what: str, name: str | None) -> tuple[int, ...]:
+def int_pairs(value, n: int, what: str, name: str | None) -> tuple[int, ...]:
   if isinstance(value, int):
     return (value,) * n
   value = tuple(int(v) for v in value)
@@ -247,8 +247,8 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
   if x.ndim < 3 or x.shape[-1] != c_in:
     raise ValueError(f"{_layer(name)}: input of shape {x.shape} does not have {c_in} channels last "
                      "(need (..., H, W, c_in))")
-  strides = _pairs(strides, 2, "strides", name)
-  dilation = _pairs(dilation, 2, "dilation", name)
+  strides = int_pairs(strides, 2, "strides", name)
+  dilation = int_pairs(dilation, 2, "dilation", name)
   pad = _padding(padding, name)
   x, params = _cast_layer(dtype, x, params)
   batch_shape = x.shape[:-3]
@@ -454,7 +454,7 @@ def merge_layer(params: Params, keep: int | None = None) -> Params:
 def dense_kernel(params: Params, keep: int | None = None) -> Array:
   """The dense kernel ``A[..., :keep] @ B[:keep]`` in the layer's kernel shape."""
   cap = capacity(params)
-  keep = _check_keep(keep, cap, None)
+  keep = check_keep(keep, cap, None)
   if not isinstance(keep, int):
     raise ValueError("dense_kernel needs a static keep count")
   a, b = params["a"][..., :keep], params["b"][:keep]
