@@ -28,13 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
+from jax.experimental import checkify
 
 from maestro_jax import batch_norm
 from maestro_jax import linen as mln
 from maestro_jax import nnx as mnx
 from maestro_jax._src import tree
 
-__all__ = ["FunctionalModel", "LinenModel", "from_module", "takes_train"]
+__all__ = ["FunctionalModel", "LinenModel", "from_module", "takes_train", "check_keep_counts"]
 
 
 def takes_train(call) -> bool:
@@ -45,6 +46,23 @@ def takes_train(call) -> bool:
 
 def _copy(state: nnx.State) -> nnx.State:
   return jax.tree.map(lambda v: v, state)
+
+
+def check_keep_counts(params: Mapping, keeps: Mapping[str, Any] | None) -> None:
+  """Adds a ``checkify`` check that every keep count is in ``0..capacity``; for debugging.
+
+  Traced keep counts are not range-checked by default: one above a layer's
+  capacity acts as full rank and one below 0 as 0 (the mask keeps components
+  ``k < keep``). Call this inside a function transformed by
+  ``jax.experimental.checkify.checkify`` (as
+  :func:`maestro_jax.training.make_train_step` does with ``check_keeps=True``)
+  to make an out-of-range value an error that names the layer.
+  """
+  caps = tree.capacities(params)
+  for name, keep in dict(keeps or {}).items():
+    keep = jnp.asarray(keep)
+    checkify.check(jnp.all((keep >= 0) & (keep <= caps[name])),
+                   f"layer {name!r}: keep count {{keep}} is out of range 0..{caps[name]}", keep=keep)
 
 
 def _keep_tree(params: Mapping, keeps: Mapping[str, Any] | None, leaf: str) -> dict:

@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import checkify
 
+from maestro_jax import functional
 from maestro_jax.functional import FunctionalModel  # noqa: F401  (the train step's model type; re-exported)
 from maestro_jax._src import regularizers
 from maestro_jax._src import sampling
@@ -53,7 +55,7 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
                     sampler: sampling.Sampler, lasso: float = 0.0, loss: str = "maestro", alpha: float = 0.5,
-                    frobenius_decay: float = 0.0, donate: bool = True) -> Callable:
+                    frobenius_decay: float = 0.0, donate: bool = True, check_keeps: bool = False) -> Callable:
   """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
 
   Args:
@@ -69,6 +71,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     alpha: weight of the low-rank loss for ``'decomposable'``.
     frobenius_decay: weight of ``sum ||A B||_F^2`` (spectral-init baseline).
     donate: donate the input state's buffers.
+    check_keeps: debugging mode: raise (via ``checkify``) when a sampled keep
+      count is outside ``0..capacity`` instead of silently clipping it.
 
   Returns:
     The jitted step; ``metrics`` holds ``loss``, ``task_loss``, ``penalty``,
@@ -83,6 +87,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
       keeps = {}
     else:
       keeps = sampling.draw(sampler, key, ranks, state["params"])
+    if check_keeps:
+      functional.check_keep_counts(state["params"], keeps)
     images, labels = batch["image"], batch["label"]
 
     def loss_fn(params):
@@ -117,7 +123,17 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
            "ranks": ranks}
     return new, metrics
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  if not check_keeps:
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+  checked_step = jax.jit(checkify.checkify(step, errors=checkify.user_checks), donate_argnums=(0,) if donate else ())
+
+  def run(state, batch, key):
+    error, out = checked_step(state, batch, key)
+    error.throw()
+    return out
+
+  return run
 
 
 def make_eval_step(model: FunctionalModel) -> Callable:

@@ -208,3 +208,24 @@ def test_from_module_errors():
   view, params, state = _build("cnn")
   with pytest.raises(ValueError, match=r"unknown layers in keep counts \['nope'\]"):
     view.apply(params, state, _images("cnn", 1)[0], {"nope": 1})
+
+
+def test_checked_mode_raises_on_out_of_range_keep_counts():
+  """Unchecked, a keep count above capacity acts as full rank; checked, it is an error naming the layer."""
+  view, params, state = _build("mlp")
+  too_many = lambda key, ranks: {name: jnp.asarray(r, jnp.int32) + 5 for name, r in ranks.items()}
+  optimizer = optax.sgd(0.0)
+  x, y = _images("mlp", 4)
+  batch = {"image": x, "label": y}
+  plain = training.make_train_step(view, optimizer, sampler=too_many, donate=False)
+  full = training.make_train_step(view, optimizer, sampler=mj.samplers.none(), donate=False)
+  start = training.init_state(params, state, optimizer)
+  _, over = plain(start, batch, jax.random.key(0))
+  _, exact = full(start, batch, jax.random.key(0))
+  assert float(over["task_loss"]) == float(exact["task_loss"])
+  checked = training.make_train_step(view, optimizer, sampler=too_many, donate=False, check_keeps=True)
+  with pytest.raises(Exception, match=r"layer 'fc1': keep count 17 is out of range 0\.\.12"):
+    checked(start, batch, jax.random.key(0))
+  _, fine = training.make_train_step(view, optimizer, sampler=mj.samplers.none(), donate=False,
+                                     check_keeps=True)(start, batch, jax.random.key(0))
+  assert float(fine["task_loss"]) == float(exact["task_loss"])
