@@ -57,12 +57,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 import dataclasses
-import gzip
 import json
 import os
 from pathlib import Path
 from typing import Any
-import zlib
 
 import numpy as np
 
@@ -273,14 +271,7 @@ def read_text(path: str | os.PathLike) -> str:
     ValueError: corrupt gzip data or text that is not UTF-8.
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"text file not found: {path}")
-  raw = path.read_bytes()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-      raise ValueError(f"{path}: corrupt gzip data ({e})") from e
+  raw = data.read_maybe_gzipped(path, "text file")
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:

@@ -56,6 +56,7 @@ from maestro_jax.data.batching import batches
 from maestro_jax.data.batching import train_stream
 from maestro_jax.data.idx import IDX_FILES
 from maestro_jax.data.idx import read_idx
+from maestro_jax.data.idx import read_maybe_gzipped
 from maestro_jax.data.idx import write_idx
 from maestro_jax.data.idx import has_idx_files
 from maestro_jax.data.idx import load_idx_split
@@ -83,6 +84,7 @@ __all__ = [
     "default_idx_dir",
     "IDX_FILES",
     "read_idx",
+    "read_maybe_gzipped",
     "write_idx",
     "has_idx_files",
     "load_idx_split",

@@ -31,6 +31,25 @@ IDX_FILES = {
 }
 
 
+def read_maybe_gzipped(path: str | os.PathLike, what: str = "file") -> bytes:
+  """A file's bytes, gunzipped when its content is gzip (whatever its name says).
+
+  Raises:
+    FileNotFoundError: no such file (the message names it as ``what``).
+    ValueError: corrupt gzip data.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} not found: {path}")
+  raw = path.read_bytes()
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+      raise ValueError(f"{path}: corrupt gzip data ({e})") from e
+  return raw
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an IDX file (gzipped or not; detected from its content) as a read-only array.
 
@@ -46,14 +65,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
       the header.
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"IDX file not found: {path}")
-  raw = path.read_bytes()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-      raise ValueError(f"{path}: corrupt gzip data ({e})") from e
+  raw = read_maybe_gzipped(path, "IDX file")
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(
         f"{path}: not an IDX file: magic number 0x{raw[:4].hex()}, expected 0x0000TTNN with type TT in "
