@@ -55,7 +55,7 @@ class _Factorized(nn.Module):
     # One draw for both factors: A and B must come from the same SVD.
     fresh = core.init_layer(self.make_rng("params"), kernel_shape, self.rank, use_bias=self.use_bias,
                       init_method=self.init_method, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                      param_dtype=self.param_dtype, name=self.name)
+                      param_dtype=self.param_dtype, name=self.name, init_scale=self.init_scale)
     if self.is_mutable_collection(KEEP_COLLECTION):
       self.variable(KEEP_COLLECTION, "keep", lambda: jnp.asarray(fresh["a"].shape[-1], jnp.int32))
     return {k: self.param(k, lambda _, v=fresh[k]: v) for k in names}
@@ -79,6 +79,9 @@ class Dense(_Factorized):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     precision: matmul precision.
+    init_scale: default weight scale, ``'lecun'`` or ``'pytorch'`` (see :func:`maestro_jax.init_layer`).
+    compute_path: ``'auto'`` (the cheaper path for the call's shapes), ``'factors'``
+      or ``'kernel'`` (see :func:`maestro_jax.dense`).
   """
   features: int
   rank: int | None = None
@@ -89,11 +92,14 @@ class Dense(_Factorized):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  init_scale: str = "lecun"
+  compute_path: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
     params = self._factors((x.shape[-1], self.features))
-    return core.dense(params, x, self._keep(keep), dtype=self.dtype, precision=self.precision, name=self.name)
+    return core.dense(params, x, self._keep(keep), dtype=self.dtype, precision=self.precision, name=self.name,
+                      compute_path=self.compute_path)
 
 
 class DenseGeneral(_Factorized):
@@ -108,7 +114,7 @@ class DenseGeneral(_Factorized):
     features: output feature size or shape.
     axis: contracted axis or axes of the input.
     rank, use_bias, init_method, kernel_init, bias_init, dtype, param_dtype,
-      precision: as in :class:`Dense` (``kernel_init`` draws the flattened matrix).
+      precision, init_scale, compute_path: as in :class:`Dense` (``kernel_init`` draws the flattened matrix).
   """
   features: int | Sequence[int]
   axis: int | Sequence[int] = -1
@@ -120,6 +126,8 @@ class DenseGeneral(_Factorized):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  init_scale: str = "lecun"
+  compute_path: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
@@ -128,7 +136,7 @@ class DenseGeneral(_Factorized):
     d_in = math.prod(x.shape[a] for a in axes)
     params = self._factors((d_in, math.prod(features)))
     return core.dense_general(params, x, self._keep(keep), axis=axes, features=features, dtype=self.dtype,
-                              precision=self.precision, name=self.name)
+                              precision=self.precision, name=self.name, compute_path=self.compute_path)
 
 
 class Conv(_Factorized):
@@ -142,7 +150,7 @@ class Conv(_Factorized):
     kernel_dilation: int or pair.
     feature_group_count: must be 1 (grouped convolutions are not supported).
     rank, use_bias, init_method, kernel_init, bias_init, dtype, param_dtype,
-      precision: as in :class:`Dense`.
+      precision, init_scale, compute_path: as in :class:`Dense`.
   """
   features: int
   kernel_size: int | Sequence[int] = 3
@@ -158,6 +166,8 @@ class Conv(_Factorized):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  init_scale: str = "lecun"
+  compute_path: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
@@ -167,7 +177,8 @@ class Conv(_Factorized):
     kernel_size = core.int_pairs(self.kernel_size, 2, "kernel_size", self.name)
     params = self._factors(kernel_size + (x.shape[-1], self.features))
     return core.conv(params, x, self._keep(keep), strides=self.strides, padding=self.padding,
-                     dilation=self.kernel_dilation, dtype=self.dtype, precision=self.precision, name=self.name)
+                     dilation=self.kernel_dilation, dtype=self.dtype, precision=self.precision, name=self.name,
+                     compute_path=self.compute_path)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -180,7 +191,7 @@ class MultiHeadDotProductAttention(nn.Module):
     qkv_features: projection width; defaults to the query input features.
     out_features: output features; defaults to the query input features.
     rank: optional capacity of every projection.
-    use_bias, init_method, dtype, param_dtype, precision: as in :class:`Dense`.
+    use_bias, init_method, dtype, param_dtype, precision, init_scale, compute_path: as in :class:`Dense`.
   """
   num_heads: int
   qkv_features: int | None = None
@@ -191,13 +202,16 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  init_scale: str = "lecun"
+  compute_path: str = "auto"
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None,
                *, mask: jax.Array | None = None) -> jax.Array:
     width = self.qkv_features or inputs_q.shape[-1]
     kw = dict(use_bias=self.use_bias, init_method=self.init_method, dtype=self.dtype,
-              param_dtype=self.param_dtype, precision=self.precision)
+              param_dtype=self.param_dtype, precision=self.precision, init_scale=self.init_scale,
+              compute_path=self.compute_path)
 
     def proj(which, x):
       features = (self.out_features or inputs_q.shape[-1]) if which == "out" else width

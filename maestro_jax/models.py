@@ -26,6 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maestro_jax import nnx as mnnx
+from maestro_jax._src.factorized import INIT_SCALES
+from maestro_jax._src.factorized import default_initializers
+from maestro_jax._src.rules import COMPUTE_PATHS
 # BatchNorm recalibration lives in maestro_jax.batch_norm; re-exported for the zoo's users.
 from maestro_jax.batch_norm import batch_norm_statistics
 from maestro_jax.batch_norm import recalibrate_batch_norm
@@ -57,29 +60,45 @@ def _group_count(channels: int) -> int:
 class _Layers:
   """Builds factorized or plain layers with shared options."""
 
-  def __init__(self, factorized: bool, init_method: str, dtype, param_dtype, rngs: nnx.Rngs, bn_momentum: float = 0.9):
+  def __init__(self, factorized: bool, init_method: str, dtype, param_dtype, rngs: nnx.Rngs, bn_momentum: float = 0.9,
+               init_scale: str = "lecun", compute_path: str = "auto"):
     self.factorized, self.init_method, self.dtype, self.param_dtype = factorized, init_method, dtype, param_dtype
     self.rngs, self.bn_momentum = rngs, bn_momentum
+    if init_scale not in INIT_SCALES:
+      raise ValueError(f"init_scale must be one of {list(INIT_SCALES)}, got {init_scale!r}")
+    if compute_path not in COMPUTE_PATHS:
+      raise ValueError(f"compute_path must be one of {list(COMPUTE_PATHS)}, got {compute_path!r}")
+    self.init_scale, self.compute_path = init_scale, compute_path
+    self.factorized_options = dict(init_method=init_method, init_scale=init_scale, compute_path=compute_path,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def _dense_inits(self, kernel_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The dense twin's initializers: the same weight scale as the factorized layers' SVD-split kernels."""
+    kernel_init, bias_init = default_initializers(self.init_scale, kernel_shape)
+    if self.init_scale == "lecun":
+      return {}  # Flax's own defaults (LeCun normal, zero bias).
+    return dict(kernel_init=kernel_init, bias_init=bias_init)
 
   def linear(self, d_in: int, d_out: int, *, use_bias: bool = True):
     if self.factorized:
-      return mnnx.Linear(d_in, d_out, use_bias=use_bias, init_method=self.init_method, dtype=self.dtype,
-                         param_dtype=self.param_dtype, rngs=self.rngs)
+      return mnnx.Linear(d_in, d_out, use_bias=use_bias, **self.factorized_options)
     return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                      rngs=self.rngs)
+                      rngs=self.rngs, **self._dense_inits((d_in, d_out)))
 
   def conv(self, c_in: int, c_out: int, kernel_size: int, strides: int = 1, *, padding: Any = "SAME",
            use_bias: bool = True):
     if self.factorized:
-      return mnnx.Conv(c_in, c_out, kernel_size, strides, padding=padding, use_bias=use_bias, init_method=self.init_method,
-                       dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+      return mnnx.Conv(c_in, c_out, kernel_size, strides, padding=padding, use_bias=use_bias,
+                       **self.factorized_options)
     return nnx.Conv(c_in, c_out, (kernel_size, kernel_size), strides, padding=padding, use_bias=use_bias,
-                    dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+                    dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs,
+                    **self._dense_inits((kernel_size, kernel_size, c_in, c_out)))
 
   def attention(self, num_heads: int, d_model: int):
     if self.factorized:
-      return mnnx.MultiHeadAttention(num_heads, d_model, init_method=self.init_method, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, rngs=self.rngs)
+      return mnnx.MultiHeadAttention(num_heads, d_model, **self.factorized_options)
+    # The dense twin's attention keeps Flax's init: one kernel_init serves both its (d, heads, head_dim)
+    # and (heads, head_dim, d) kernels, whose fan-in axes differ.
     return nnx.MultiHeadAttention(num_heads, d_model, decode=False, keep_rngs=False, dtype=self.dtype,
                                   param_dtype=self.param_dtype, rngs=self.rngs)
 
@@ -127,11 +146,18 @@ class MLP(nnx.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
+    init_scale: weight scale of every layer, ``'lecun'`` (Flax's default) or
+      ``'pytorch'`` (kernel and bias uniform in ``+-1/sqrt(fan_in)``, the scale of
+      the paper's code, which its lambda and shrink threshold assume); the dense
+      twin (``factorized=False``) gets the same scale.
+    compute_path: ``'auto'``, ``'factors'`` or ``'kernel'`` for every
+      factorized layer (see :func:`maestro_jax.dense`).
   """
 
   def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, *, factorized: bool = True,
-               init_method: str = "svd", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    make = _Layers(factorized, init_method, dtype, param_dtype, rngs)
+               init_method: str = "svd", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               init_scale: str = "lecun", compute_path: str = "auto"):
+    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, init_scale=init_scale, compute_path=compute_path)
     widths = [int(in_features), *(int(h) for h in hidden), int(num_classes)]
     self.in_features = int(in_features)
     self.layers = nnx.List([make.linear(d_in, d_out) for d_in, d_out in zip(widths[:-1], widths[1:])])
@@ -165,12 +191,13 @@ class LeNet5(nnx.Module):
     num_classes: outputs.
     in_channels: input channels; must match ``image_shape[-1]``.
     image_shape: ``(H, W, C)`` of one input, used to size ``fc1``.
-    factorized, init_method, dtype, param_dtype, rngs: as in :class:`MLP`.
+    factorized, init_method, dtype, param_dtype, rngs, init_scale, compute_path: as in :class:`MLP`.
   """
 
   def __init__(self, num_classes: int = 10, in_channels: int | None = None, *,
                image_shape: Sequence[int] = (28, 28, 1), factorized: bool = True, init_method: str = "svd", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs,
+               init_scale: str = "lecun", compute_path: str = "auto"):
     h, w, c = (int(d) for d in image_shape)
     in_channels = c if in_channels is None else int(in_channels)
     if in_channels != c:
@@ -178,7 +205,7 @@ class LeNet5(nnx.Module):
     out_h, out_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
     if out_h < 1 or out_w < 1:
       raise ValueError(f"LeNet5: image_shape {tuple(image_shape)} is too small (need at least 16x16)")
-    make = _Layers(factorized, init_method, dtype, param_dtype, rngs)
+    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, init_scale=init_scale, compute_path=compute_path)
     self.image_shape = (h, w, c)
     self.conv1 = make.conv(in_channels, 6, 5, padding="VALID")
     self.conv2 = make.conv(6, 16, 5, padding="VALID")
@@ -222,14 +249,16 @@ class VGG19(nnx.Module):
     width: channels of the first stage; 64 is VGG-19, smaller values scale every
       stage proportionally (for tests).
     bn_momentum: BatchNorm running-average decay (0.9 is PyTorch's 0.1).
-    factorized, init_method, dtype, param_dtype, rngs: as in :class:`MLP`.
+    factorized, init_method, dtype, param_dtype, rngs, init_scale, compute_path: as in :class:`MLP`.
   """
 
   def __init__(self, num_classes: int = 10, *, in_channels: int = 3, norm: Norm = "batch", width: int = 64,
                bn_momentum: float = 0.9, factorized: bool = True, init_method: str = "svd", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs,
+               init_scale: str = "lecun", compute_path: str = "auto"):
     _check_norm(norm)
-    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, bn_momentum)
+    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, bn_momentum, init_scale=init_scale,
+                   compute_path=compute_path)
     convs, norms, pool_after = [], [], []
     c_in = in_channels
     for item in VGG19_CONFIG:
@@ -306,16 +335,18 @@ class ResNet18(nnx.Module):
     stem: ``'cifar'`` or ``'imagenet'``.
     width: channels of the first stage (64 is ResNet-18; smaller for tests).
     bn_momentum: BatchNorm running-average decay (0.9 is PyTorch's 0.1).
-    factorized, init_method, dtype, param_dtype, rngs: as in :class:`MLP`.
+    factorized, init_method, dtype, param_dtype, rngs, init_scale, compute_path: as in :class:`MLP`.
   """
 
   def __init__(self, num_classes: int = 10, *, in_channels: int = 3, norm: Norm = "batch", stem: str = "cifar",
                width: int = 64, bn_momentum: float = 0.9, factorized: bool = True, init_method: str = "svd", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs,
+               init_scale: str = "lecun", compute_path: str = "auto"):
     _check_norm(norm)
     if stem not in ("cifar", "imagenet"):
       raise ValueError(f"ResNet18: stem must be 'cifar' or 'imagenet', got {stem!r}")
-    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, bn_momentum)
+    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, bn_momentum, init_scale=init_scale,
+                   compute_path=compute_path)
     self.stem = stem
     if stem == "cifar":
       self.conv1 = make.conv(in_channels, width, 3, 1, padding=1, use_bias=norm is None)
@@ -387,17 +418,18 @@ class TransformerEncoder(nnx.Module):
     num_layers: encoder blocks.
     mlp_dim: hidden width of the MLPs.
     max_len: longest sequence.
-    factorized, init_method, dtype, param_dtype, rngs: as in :class:`MLP`.
+    factorized, init_method, dtype, param_dtype, rngs, init_scale, compute_path: as in :class:`MLP`.
   """
 
   def __init__(self, num_classes: int, *, vocab_size: int | None = None, in_features: int | None = None,
                d_model: int = 64, num_heads: int = 4, num_layers: int = 2, mlp_dim: int = 128, max_len: int = 128,
-               factorized: bool = True, init_method: str = "svd", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               factorized: bool = True, init_method: str = "svd", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               init_scale: str = "lecun", compute_path: str = "auto"):
     if (vocab_size is None) == (in_features is None):
       raise ValueError("TransformerEncoder: give exactly one of vocab_size (tokens) or in_features (features)")
     if d_model % num_heads:
       raise ValueError(f"TransformerEncoder: d_model={d_model} is not divisible by num_heads={num_heads}")
-    make = _Layers(factorized, init_method, dtype, param_dtype, rngs)
+    make = _Layers(factorized, init_method, dtype, param_dtype, rngs, init_scale=init_scale, compute_path=compute_path)
     self.vocab_size, self.in_features, self.max_len, self.d_model = vocab_size, in_features, max_len, d_model
     if vocab_size is not None:
       self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -121,16 +121,19 @@ class Linear(FactorizedModule):
     param_dtype: parameter dtype.
     precision: matmul precision.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
+    init_scale: default weight scale, ``'lecun'`` or ``'pytorch'`` (see :func:`maestro_jax.init_layer`).
+    compute_path: ``'auto'`` (the cheaper path for the call's shapes), ``'factors'``
+      or ``'kernel'`` (see :func:`maestro_jax.dense`).
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int | None = None, use_bias: bool = True,
                init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None, param_dtype=jnp.float32,
-               precision=None, rngs: nnx.Rngs):
+               precision=None, rngs: nnx.Rngs, init_scale: str = "lecun", compute_path: str = "auto"):
     self.in_features, self.out_features = in_features, out_features
-    self.dtype, self.precision = dtype, precision
+    self.dtype, self.precision, self.compute_path = dtype, precision, compute_path
     self._set_factors(core.init_layer(rngs.params(), (in_features, out_features), rank, use_bias=use_bias,
                                 init_method=init_method, kernel_init=kernel_init, bias_init=bias_init,
-                                param_dtype=param_dtype, name=self._name()))
+                                param_dtype=param_dtype, name=self._name(), init_scale=init_scale))
 
   def _name(self) -> str:
     return f"Linear({self.in_features}->{self.out_features})"
@@ -138,14 +141,14 @@ class Linear(FactorizedModule):
   def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
     """Applies the layer; ``keep`` overrides the layer's :class:`KeepCount` for this call."""
     return core.dense(self.factor_params(), x, self._keep(keep), dtype=self.dtype, precision=self.precision,
-                      name=self._name())
+                      name=self._name(), compute_path=self.compute_path)
 
   @classmethod
   def from_kernel(cls, kernel: jax.Array, bias: jax.Array | None = None, *, rank: int | None = None,
-                  dtype=None, precision=None) -> Linear:
+                  dtype=None, precision=None, compute_path: str = "auto") -> Linear:
     """A layer computing ``x @ kernel + bias`` (exactly at full rank), factorized by SVD."""
     layer = cls(kernel.shape[0], kernel.shape[1], rank=1, use_bias=False, init_method="random", dtype=dtype,
-                precision=precision, rngs=nnx.Rngs(0))
+                precision=precision, rngs=nnx.Rngs(0), compute_path=compute_path)
     layer._set_factors(core.factorize_kernel(kernel, bias, rank, name=layer._name()))
     return layer
 
@@ -163,23 +166,23 @@ class LinearGeneral(FactorizedModule):
     out_features: size or shape of the output feature axes.
     axis: contracted axis or axes of the input.
     rank, use_bias, init_method, kernel_init, bias_init, dtype, param_dtype,
-      precision, rngs: as in :class:`Linear`.
+      precision, rngs, init_scale, compute_path: as in :class:`Linear`.
   """
 
   def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
                axis: int | Sequence[int] = -1, rank: int | None = None, use_bias: bool = True,
                init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None, param_dtype=jnp.float32,
-               precision=None, rngs: nnx.Rngs):
+               precision=None, rngs: nnx.Rngs, init_scale: str = "lecun", compute_path: str = "auto"):
     self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
     self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
     self.axis = axis
     if len(self.in_features) != (1 if isinstance(axis, int) else len(tuple(axis))):
       raise ValueError(f"LinearGeneral: in_features {self.in_features} and axis {axis} differ in length")
-    self.dtype, self.precision = dtype, precision
+    self.dtype, self.precision, self.compute_path = dtype, precision, compute_path
     shape = (math.prod(self.in_features), math.prod(self.out_features))
     self._set_factors(core.init_layer(rngs.params(), shape, rank, use_bias=use_bias, init_method=init_method,
                                       kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
-                                      name=self._name()))
+                                      name=self._name(), init_scale=init_scale))
 
   def _name(self) -> str:
     return f"LinearGeneral({self.in_features}->{self.out_features})"
@@ -187,13 +190,16 @@ class LinearGeneral(FactorizedModule):
   def __call__(self, x: jax.Array, keep: core.KeepCount = None) -> jax.Array:
     """Applies the layer; ``keep`` overrides the layer's :class:`KeepCount` for this call."""
     return core.dense_general(self.factor_params(), x, self._keep(keep), axis=self.axis, features=self.out_features,
-                              dtype=self.dtype, precision=self.precision, name=self._name())
+                              dtype=self.dtype, precision=self.precision, name=self._name(),
+                              compute_path=self.compute_path)
 
   @classmethod
-  def from_module(cls, module: nnx.LinearGeneral, *, rank: int | None = None) -> LinearGeneral:
+  def from_module(cls, module: nnx.LinearGeneral, *, rank: int | None = None,
+                  compute_path: str = "auto") -> LinearGeneral:
     """The factorized twin of an ``nnx.LinearGeneral`` (exact at full rank), by SVD of its flattened kernel."""
     layer = cls(module.in_features, module.out_features, axis=module.axis, rank=1, use_bias=False,
-                init_method="random", dtype=module.dtype, precision=module.precision, rngs=nnx.Rngs(0))
+                init_method="random", dtype=module.dtype, precision=module.precision, rngs=nnx.Rngs(0),
+                compute_path=compute_path)
     kernel = get_value(module.kernel)
     matrix = kernel.reshape(math.prod(layer.in_features), math.prod(layer.out_features))
     layer._set_factors(core.factorize_kernel(matrix, _bias(module), rank, name=layer._name()))
@@ -214,25 +220,26 @@ class Conv(FactorizedModule):
     kernel_dilation: int or pair.
     feature_group_count: must be 1 (grouped convolutions are not supported).
     rank: capacity; defaults to ``min(kh * kw * in_features, out_features)``.
-    use_bias, init_method, kernel_init, bias_init, dtype, param_dtype, precision, rngs:
-      as in :class:`Linear`.
+    use_bias, init_method, kernel_init, bias_init, dtype, param_dtype, precision, rngs,
+      init_scale, compute_path: as in :class:`Linear`.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: int | Sequence[int] = 1, *, padding: core.Padding = "SAME",
                kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1, rank: int | None = None,
                use_bias: bool = True, init_method: str = "svd", kernel_init=None, bias_init=None, dtype=None,
-               param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs, init_scale: str = "lecun",
+               compute_path: str = "auto"):
     kernel_size = core.int_pairs(kernel_size, 2, "kernel_size", "Conv")
     if feature_group_count != 1:
       raise ValueError(f"Conv({in_features}->{out_features}): feature_group_count={feature_group_count} is not "
                        "supported; factorized convolutions need feature groups of 1")
     self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
     self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
-    self.dtype, self.precision = dtype, precision
+    self.dtype, self.precision, self.compute_path = dtype, precision, compute_path
     self._set_factors(core.init_layer(rngs.params(), kernel_size + (in_features, out_features), rank,
                                 use_bias=use_bias, init_method=init_method, kernel_init=kernel_init, bias_init=bias_init,
-                                param_dtype=param_dtype, name=self._name()))
+                                param_dtype=param_dtype, name=self._name(), init_scale=init_scale))
 
   def _name(self) -> str:
     return f"Conv({self.in_features}->{self.out_features}, {self.kernel_size[0]}x{self.kernel_size[1]})"
@@ -241,18 +248,19 @@ class Conv(FactorizedModule):
     """Applies the layer; ``keep`` overrides the layer's :class:`KeepCount` for this call."""
     return core.conv(self.factor_params(), x, self._keep(keep), strides=self.strides, padding=self.padding,
                      dilation=self.kernel_dilation, dtype=self.dtype, precision=self.precision,
-                     name=self._name())
+                     name=self._name(), compute_path=self.compute_path)
 
   @classmethod
   def from_kernel(cls, kernel: jax.Array, bias: jax.Array | None = None, *, rank: int | None = None,
                   strides=1, padding: core.Padding = "SAME", kernel_dilation=1, dtype=None,
-                  precision=None) -> Conv:
+                  precision=None, compute_path: str = "auto") -> Conv:
     """A layer computing the convolution with an HWIO ``kernel``, factorized by SVD."""
     if kernel.ndim != 4:
       raise ValueError(f"Conv.from_kernel: kernel must be 4-D (kh, kw, c_in, c_out), got shape {kernel.shape}")
     kh, kw, c_in, c_out = kernel.shape
     layer = cls(c_in, c_out, (kh, kw), strides, padding=padding, kernel_dilation=kernel_dilation, rank=1,
-                use_bias=False, init_method="random", dtype=dtype, precision=precision, rngs=nnx.Rngs(0))
+                use_bias=False, init_method="random", dtype=dtype, precision=precision, rngs=nnx.Rngs(0),
+                compute_path=compute_path)
     layer._set_factors(core.factorize_kernel(kernel, bias, rank, name=layer._name()))
     return layer
 
@@ -270,13 +278,14 @@ class MultiHeadAttention(nnx.Module):
     out_features: output features; defaults to ``in_features``.
     in_kv_features: key/value input features; defaults to ``in_features``.
     rank: optional capacity of every projection.
-    use_bias, init_method, dtype, param_dtype, precision, rngs: as in :class:`Linear`.
+    use_bias, init_method, dtype, param_dtype, precision, rngs, init_scale, compute_path:
+      as in :class:`Linear`.
   """
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
                out_features: int | None = None, *, in_kv_features: int | None = None, rank: int | None = None,
                use_bias: bool = True, init_method: str = "svd", dtype=None, param_dtype=jnp.float32, precision=None,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, init_scale: str = "lecun", compute_path: str = "auto"):
     qkv_features = qkv_features or in_features
     out_features = out_features or in_features
     in_kv_features = in_kv_features or in_features
@@ -284,7 +293,8 @@ class MultiHeadAttention(nnx.Module):
       raise ValueError(f"MultiHeadAttention: qkv_features={qkv_features} is not divisible by "
                        f"num_heads={num_heads}")
     self.num_heads, self.precision = num_heads, precision
-    kw = dict(use_bias=use_bias, init_method=init_method, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw = dict(use_bias=use_bias, init_method=init_method, dtype=dtype, param_dtype=param_dtype, precision=precision,
+              rngs=rngs, init_scale=init_scale, compute_path=compute_path)
     cap = lambda d_in, d_out: None if rank is None else min(rank, d_in, d_out)
     self.query = Linear(in_features, qkv_features, rank=cap(in_features, qkv_features), **kw)
     self.key = Linear(in_kv_features, qkv_features, rank=cap(in_kv_features, qkv_features), **kw)
@@ -377,20 +387,20 @@ _CONVERTIBLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.MultiHeadAttention)
 _TRANSPOSED = (nnx.ConvTranspose,)
 
 
-def _convert(module, name: str, rank_of: Callable[[int, str], int | None]):
+def _convert(module, name: str, rank_of: Callable[[int, str], int | None], compute_path: str = "auto"):
   """The factorized replacement of a Flax layer (checked by :func:`_unsupported` first)."""
   if isinstance(module, nnx.Linear):
     kernel = get_value(module.kernel)
     return Linear.from_kernel(kernel, _bias(module), rank=rank_of(min(kernel.shape), name),
-                              dtype=module.dtype, precision=module.precision)
+                              dtype=module.dtype, precision=module.precision, compute_path=compute_path)
   if isinstance(module, nnx.LinearGeneral):
     return LinearGeneral.from_module(module, rank=rank_of(rules.full_rank(
-        (math.prod(module.in_features), math.prod(module.out_features))), name))
+        (math.prod(module.in_features), math.prod(module.out_features))), name), compute_path=compute_path)
   if isinstance(module, nnx.Conv):
     kernel = get_value(module.kernel)
     return Conv.from_kernel(kernel, _bias(module), rank=rank_of(rules.full_rank(kernel.shape), name),
                             strides=module.strides, padding=module.padding, kernel_dilation=module.kernel_dilation,
-                            dtype=module.dtype, precision=module.precision)
+                            dtype=module.dtype, precision=module.precision, compute_path=compute_path)
   # nnx.MultiHeadAttention: its DenseGeneral projections as matrices, the same view the tree converter uses.
   q_kernel, k_kernel, o_kernel = (get_value(getattr(module, w).kernel) for w in ("query", "key", "out"))
   new = MultiHeadAttention(module.num_heads, q_kernel.shape[0], module.qkv_features, o_kernel.shape[-1],
@@ -400,12 +410,13 @@ def _convert(module, name: str, rank_of: Callable[[int, str], int | None]):
     proj = getattr(module, which)
     kernel = convert.attention_kernel_matrix(which, get_value(proj.kernel))
     setattr(new, which, Linear.from_kernel(kernel, _bias(proj), rank=rank_of(min(kernel.shape), f"{name}.{which}"),
-                                           dtype=module.dtype, precision=module.precision))
+                                           dtype=module.dtype, precision=module.precision,
+                                           compute_path=compute_path))
   return new
 
 
 def factorize(model: nnx.Module, *, rank_fraction: float | None = None, ranks: Mapping[str, int] | None = None,
-              skip: Sequence[str] = ()) -> nnx.Module:
+              skip: Sequence[str] = (), compute_path: str = "auto") -> nnx.Module:
   """Replaces, in place, every ``nnx.Linear``, ``nnx.LinearGeneral``, 2-D ``nnx.Conv`` and ``nnx.MultiHeadAttention`` by SVD.
 
   At full rank (the default) the model computes the same function. This is how
@@ -419,6 +430,7 @@ def factorize(model: nnx.Module, *, rank_fraction: float | None = None, ranks: M
     rank_fraction: keep ``fraction_to_rank(rank_fraction, full_rank)`` components instead of all.
     ranks: explicit rank per layer name (attention projections as ``'attn.query'``).
     skip: dotted module paths to leave dense (unknown names are errors).
+    compute_path: the new layers' compute path (see :class:`Linear`).
 
   Returns:
     ``model``.
@@ -448,7 +460,7 @@ def factorize(model: nnx.Module, *, rank_fraction: float | None = None, ranks: M
       targets.append((path, name, module))
   if refused:
     raise ValueError("cannot factorize " + "; ".join(reasons) + f". Leave such layers dense with skip={refused}")
-  replacements = [(path, _convert(module, name, rank_of)) for path, name, module in targets]
+  replacements = [(path, _convert(module, name, rank_of, compute_path)) for path, name, module in targets]
   for path, new in replacements:
     parent, key = _parent_and_key(model, path)
     if isinstance(key, int):

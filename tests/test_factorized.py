@@ -171,7 +171,7 @@ def test_dense_masked_equals_sliced_every_keep():
   for keep in range(mj.capacity(params) + 1):
     y_mask = masked(params, x, jnp.int32(keep))
     y_slice = mj.dense(params, x, keep)
-    assert _max_diff(y_mask, y_slice) <= 1e-6, keep
+    assert _max_diff(y_mask, y_slice) <= TOL, keep  # masked and sliced calls may take different compute paths
     ref = _plus(x @ mj.dense_kernel(params, keep), params["bias"])
     assert _max_diff(y_slice, ref) <= TOL, keep
   assert len(traces) == 1
@@ -194,7 +194,7 @@ def test_conv_masked_equals_sliced_every_keep():
     y_mask = masked(params, x, jnp.int32(keep))
     y_slice = mj.conv(params, x, keep, strides=2, padding="SAME")
     assert y_mask.shape == y_slice.shape == (2, 3, 3, 4)
-    assert _max_diff(y_mask, y_slice) <= 1e-6, keep
+    assert _max_diff(y_mask, y_slice) <= TOL, keep  # masked and sliced calls may take different compute paths
     ref = _plus(_lax_conv(x, mj.dense_kernel(params, keep), 2, "SAME", 1), params["bias"])
     assert _max_diff(y_slice, ref) <= TOL, keep
   assert len(traces) == 1

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maestro_jax._src.rules import COMPUTE_PATHS
+from maestro_jax._src.rules import choose_compute_path
 from maestro_jax._src.rules import full_rank
 
 Array = jax.Array
@@ -73,6 +75,12 @@ def check_keep(keep: KeepCount, cap: int, name: str | None) -> KeepCount:
   return keep
 
 
+def _check_path(compute_path: str, name: str | None) -> str:
+  if compute_path not in COMPUTE_PATHS:
+    raise ValueError(f"{_layer(name)}: compute_path must be one of {list(COMPUTE_PATHS)}, got {compute_path!r}")
+  return compute_path
+
+
 def _rank_mask(keep: Array, cap: int, ndim: int, dtype) -> Array:
   """A 0/1 mask over the last axis of an ``ndim``-D array, with explicit leading ones (no rank promotion)."""
   mask = (jnp.arange(cap) < keep).astype(dtype)
@@ -106,8 +114,21 @@ def truncate_layer(params: Params, keep: int) -> Params:
   return out
 
 
-def _inner(params, x, keep, name, first_factor, precision):
-  """Shared apply: ``z = first_factor(x, A)``; mask or slice the rank axis; ``y = z @ B + bias``.
+def _positions(first_factor, x: Array, a: Array) -> int:
+  """Rows the layer maps: every output position of ``first_factor(x, a)`` (found abstractly, no compute)."""
+  out = jax.eval_shape(first_factor, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(a.shape, a.dtype))
+  return math.prod(out.shape[:-1])
+
+
+def _inner(params, x, keep, name, first_factor, precision, compute_path="auto"):
+  """Shared apply of a factorized layer on the cheaper of two paths, chosen from static shapes.
+
+  ``'factors'``: ``z = first_factor(x, A)``, mask (or slice) the rank axis,
+  ``y = z @ B + bias``. ``'kernel'``: ``W = A diag(mask) B`` formed once, then
+  ``y = first_factor(x, W) + bias``; gradients reach ``A`` and ``B`` through the
+  product. Both compute the same function; ``'auto'`` picks by
+  :func:`maestro_jax._src.rules.choose_compute_path`, which reads shapes only,
+  so a traced keep count never changes the program.
 
   A merged layer computes ``first_factor(x, kernel) + bias`` and ignores traced keep counts.
   """
@@ -125,6 +146,14 @@ def _inner(params, x, keep, name, first_factor, precision):
   else:
     mask = keep
   a, b, bias = params["a"], params["b"], params.get("bias")
+  rank, d_in, d_out = a.shape[-1], math.prod(a.shape[:-1]), b.shape[-1]
+  path = choose_compute_path(_positions(first_factor, x, a), d_in, d_out, rank, compute_path=compute_path)
+  if path == "kernel":
+    if mask is not None:
+      # Masking B's rows costs r * d_out, less than masking A's columns (d_in * r) for a convolution.
+      b = b * _rank_mask(mask, cap, 1, b.dtype).reshape(cap, 1)
+    kernel = jnp.matmul(a.reshape(d_in, rank), b, precision=precision).reshape(a.shape[:-1] + (d_out,))
+    return _add_bias(first_factor(x, kernel), bias)
   z = first_factor(x, a)
   if mask is not None:
     z = z * _rank_mask(mask, cap, z.ndim, z.dtype)
@@ -133,7 +162,7 @@ def _inner(params, x, keep, name, first_factor, precision):
 
 
 def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, precision=None,
-          name: str | None = None) -> Array:
+          name: str | None = None, compute_path: str = "auto") -> Array:
   """Applies a factorized dense layer, ``y = ((x @ A) * mask) @ B + bias``.
 
   Args:
@@ -145,6 +174,10 @@ def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, preci
       promoted dtype of inputs and parameters.
     precision: passed to the matmuls.
     name: layer name used in error messages.
+    compute_path: ``'factors'`` (two matmuls, mask between), ``'kernel'``
+      (form ``A diag(mask) B``, one matmul) or ``'auto'``, the cheaper for
+      these shapes (:func:`maestro_jax._src.rules.choose_compute_path`). The
+      function and its gradients are the same on both paths.
 
   Returns:
     ``(..., d_out)``. With ``keep = 0`` every row equals the bias.
@@ -156,8 +189,9 @@ def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, preci
   d_in = first.shape[0]
   if x.ndim < 1 or x.shape[-1] != d_in:
     raise ValueError(f"{_layer(name)}: input has {x.shape[-1] if x.ndim else 'no'} features, expected {d_in}")
+  _check_path(compute_path, name)
   x, params = _cast_layer(dtype, x, params)
-  return _inner(params, x, keep, name, lambda x, a: jnp.matmul(x, a, precision=precision), precision)
+  return _inner(params, x, keep, name, lambda x, a: jnp.matmul(x, a, precision=precision), precision, compute_path)
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -167,7 +201,8 @@ def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
 
 
 def dense_general(params: Params, x: Array, keep: KeepCount = None, *, axis: int | Sequence[int] = -1,
-                  features: int | Sequence[int], dtype=None, precision=None, name: str | None = None) -> Array:
+                  features: int | Sequence[int], dtype=None, precision=None, name: str | None = None,
+                  compute_path: str = "auto") -> Array:
   """A factorized DenseGeneral: contracts ``x`` over ``axis`` and produces ``features`` axes.
 
   The layer is stored as a dense layer over the flattened axes (``A`` is
@@ -181,7 +216,7 @@ def dense_general(params: Params, x: Array, keep: KeepCount = None, *, axis: int
     keep: components to keep (see :func:`dense`).
     axis: contracted axis or axes.
     features: output feature size or shape.
-    dtype, precision, name: as in :func:`dense`.
+    dtype, precision, name, compute_path: as in :func:`dense`.
   """
   features = (features,) if isinstance(features, int) else tuple(features)
   axes = normalize_axes(axis, x.ndim)
@@ -189,7 +224,7 @@ def dense_general(params: Params, x: Array, keep: KeepCount = None, *, axis: int
   moved = jnp.transpose(x, rest + list(axes))
   batch_shape = moved.shape[:len(rest)]
   flat = moved.reshape(batch_shape + (math.prod(moved.shape[len(rest):]),))
-  y = dense(params, flat, keep, dtype=dtype, precision=precision, name=name)
+  y = dense(params, flat, keep, dtype=dtype, precision=precision, name=name, compute_path=compute_path)
   return y.reshape(batch_shape + features)
 
 
@@ -219,7 +254,7 @@ def _padding(padding: Padding, name: str | None):
 
 def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Sequence[int] = 1,
          padding: Padding = "SAME", dilation: int | Sequence[int] = 1, dtype=None, precision=None,
-         name: str | None = None) -> Array:
+         name: str | None = None, compute_path: str = "auto") -> Array:
   """Applies a factorized 2-D convolution (NHWC).
 
   ``A`` is a ``kh x kw`` convolution ``c_in -> r`` that carries strides, padding
@@ -235,6 +270,9 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
     dtype: compute dtype.
     precision: passed to the convolution and matmul.
     name: layer name used in error messages.
+    compute_path: ``'factors'`` (spatial conv to ``r`` channels, mask, 1x1),
+      ``'kernel'`` (form the ``(kh, kw, c_in, c_out)`` kernel ``A diag(mask) B``,
+      one convolution) or ``'auto'`` (the cheaper for these shapes, see :func:`dense`).
 
   Returns:
     ``(..., H', W', c_out)``.
@@ -250,6 +288,7 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
   strides = int_pairs(strides, 2, "strides", name)
   dilation = int_pairs(dilation, 2, "dilation", name)
   pad = _padding(padding, name)
+  _check_path(compute_path, name)
   x, params = _cast_layer(dtype, x, params)
   batch_shape = x.shape[:-3]
 
@@ -259,7 +298,7 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return z.reshape(batch_shape + z.shape[1:])
 
-  return _inner(params, x, keep, name, spatial, precision)
+  return _inner(params, x, keep, name, spatial, precision, compute_path)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
@@ -288,7 +327,7 @@ def split_heads(x: Array, num_heads: int, name: str | None = None) -> Array:
 def multi_head_attention(params: Params, inputs_q: Array, inputs_k: Array | None = None,
                          inputs_v: Array | None = None, *, num_heads: int,
                          keep: dict[str, KeepCount] | None = None, mask: Array | None = None, dtype=None,
-                         precision=None, name: str | None = None) -> Array:
+                         precision=None, name: str | None = None, compute_path: str = "auto") -> Array:
   """Multi-head dot-product attention with factorized Q, K, V and output projections.
 
   Args:
@@ -304,6 +343,7 @@ def multi_head_attention(params: Params, inputs_q: Array, inputs_k: Array | None
     dtype: compute dtype.
     precision: passed to all matmuls.
     name: layer name used in error messages.
+    compute_path: compute path of every projection (see :func:`dense`).
 
   Returns:
     ``(..., q_len, d_out)``.
@@ -315,7 +355,8 @@ def multi_head_attention(params: Params, inputs_q: Array, inputs_k: Array | None
 
   def proj(which, x):
     sub = f"{name}.{which}" if name else which
-    return dense(params[which], x, keep.get(which), dtype=dtype, precision=precision, name=sub)
+    return dense(params[which], x, keep.get(which), dtype=dtype, precision=precision, name=sub,
+                 compute_path=compute_path)
 
   return attention_forward(proj, inputs_q, inputs_k, inputs_v, num_heads=num_heads, mask=mask,
                            precision=precision, name=name)
@@ -394,9 +435,43 @@ def factorize_kernel(kernel: Array, bias: Array | None = None, rank: int | None 
   return params
 
 
+# Default weight scales: 'lecun' is Flax's (LeCun-normal kernel, zero bias); 'pytorch' is
+# torch.nn.Linear/Conv2d's (kernel and bias uniform in +-1/sqrt(fan_in)), the scale the
+# Maestro paper's lambda and shrink threshold were tuned at.
+INIT_SCALES = ("lecun", "pytorch")
+
+
+def pytorch_kernel_init():
+  """PyTorch's default kernel init: uniform in ``+-1/sqrt(fan_in)``, i.e. ``variance_scaling(1/3, 'fan_in', 'uniform')``.
+
+  ``fan_in`` is ``d_in`` for a ``(d_in, d_out)`` kernel and ``kh * kw * c_in``
+  for an HWIO convolution kernel.
+  """
+  return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def pytorch_bias_init(fan_in: int):
+  """PyTorch's default bias init for a layer with ``fan_in`` inputs: uniform in ``+-1/sqrt(fan_in)``."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def default_initializers(init_scale: str, kernel_shape: Sequence[int], *, name: str | None = None):
+  """``(kernel_init, bias_init)`` of a weight scale for a kernel of ``kernel_shape`` (see :data:`INIT_SCALES`)."""
+  if init_scale == "lecun":
+    return jax.nn.initializers.lecun_normal(), jax.nn.initializers.zeros
+  if init_scale == "pytorch":
+    return pytorch_kernel_init(), pytorch_bias_init(math.prod(kernel_shape[:-1]))
+  raise ValueError(f"{_layer(name)}: unknown init_scale {init_scale!r}; choose one of {list(INIT_SCALES)}")
+
+
 def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None, *, use_bias: bool = True,
          init_method: str = "svd", kernel_init=None, bias_init=None, param_dtype=jnp.float32,
-         name: str | None = None) -> Params:
+         name: str | None = None, init_scale: str = "lecun") -> Params:
   """Initializes a factorized layer for a dense ``(d_in, d_out)`` or conv ``(kh, kw, c_in, c_out)`` kernel.
 
   Args:
@@ -406,11 +481,17 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
     use_bias: whether to add a zero-initialized bias.
     init_method: ``'svd'`` draws a dense kernel with ``kernel_init`` and splits it
       by SVD (components ordered by singular value); ``'random'`` draws both
-      factors from LeCun-normal (fan-in) so ``A @ B`` has the dense variance.
-    kernel_init: initializer for the dense kernel (``'svd'``); LeCun normal by default.
-    bias_init: initializer for the bias; zeros by default.
+      factors at fan-in scale so ``A @ B`` has the dense kernel's variance
+      under ``init_scale``.
+    kernel_init: initializer for the dense kernel (``'svd'``); by default the
+      one of ``init_scale``.
+    bias_init: initializer for the bias; by default the one of ``init_scale``.
     param_dtype: parameter dtype.
     name: layer name used in error messages.
+    init_scale: the default weight scale: ``'lecun'`` (Flax: LeCun-normal
+      kernel, zero bias) or ``'pytorch'`` (PyTorch: kernel and bias uniform in
+      ``+-1/sqrt(fan_in)``, the scale the paper's lambda and shrink threshold
+      assume; its singular values are ``1/sqrt(3)`` of LeCun's).
   """
   kernel_shape = tuple(int(d) for d in kernel_shape)
   if len(kernel_shape) not in (2, 4):
@@ -419,16 +500,22 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
   rank = full if rank is None else int(rank)
   if not 1 <= rank <= full:
     raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
-  kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
-  bias_init = bias_init or jax.nn.initializers.zeros
+  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape, name=name)
+  kernel_init = kernel_init or default_kernel_init
+  bias_init = bias_init or default_bias_init
   k_kernel, k_a, k_b, k_bias = jax.random.split(key, 4)
   if init_method == "svd":
     kernel = kernel_init(k_kernel, kernel_shape, jnp.float32)
     params = factorize_kernel(kernel, rank=rank, name=name)
     params = {k: v.astype(param_dtype) for k, v in params.items()}
   elif init_method == "random":
-    fan_in = jax.nn.initializers.lecun_normal(in_axis=tuple(range(len(kernel_shape) - 1)), out_axis=-1)
-    params = {"a": fan_in(k_a, kernel_shape[:-1] + (rank,), param_dtype),
+    # Var(A @ B) = r * Var(A) * Var(B) = Var(A) with Var(B) = 1 / r: A carries the scale's fan-in variance.
+    in_axes = tuple(range(len(kernel_shape) - 1))
+    if init_scale == "pytorch":
+      first = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1)
+    else:
+      first = jax.nn.initializers.lecun_normal(in_axis=in_axes, out_axis=-1)
+    params = {"a": first(k_a, kernel_shape[:-1] + (rank,), param_dtype),
               "b": jax.nn.initializers.lecun_normal()(k_b, (rank, kernel_shape[-1]), param_dtype)}
   else:
     raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")

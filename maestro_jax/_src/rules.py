@@ -88,3 +88,63 @@ def should_merge(d_in: int, d_out: int, rank: int) -> bool:
 def largest_factorized_rank(d_in: int, d_out: int) -> int:
   """The largest rank whose factors are smaller than the kernel (the merge rule's boundary, minus one)."""
   return (d_in * d_out - 1) // (d_in + d_out)
+
+
+# ------------------------------------------------------------------------------------- compute path
+
+# How a factorized layer runs: 'factors' applies A, masks the rank axis, applies B;
+# 'kernel' forms W = A diag(mask) B and applies it once; 'auto' picks per layer by cost.
+COMPUTE_PATHS = ("auto", "factors", "kernel")
+
+
+def factor_path_cost(positions: int, d_in: int, d_out: int, rank: int) -> int:
+  """Multiply-adds of the two-factor apply: ``positions * (d_in + d_out) * rank``.
+
+  ``positions`` is the number of rows the layer maps (every leading axis of a
+  dense input; batch times output pixels of a convolution, whose ``d_in`` is
+  ``kh * kw * c_in``). The backward pass costs twice the forward on either
+  path, so the forward comparison decides training as well.
+  """
+  return positions * (d_in + d_out) * rank
+
+
+def kernel_path_cost(positions: int, d_in: int, d_out: int, rank: int) -> int:
+  """Multiply-adds of forming ``W = A diag(mask) B`` once and applying it: ``d_in * d_out * (rank + positions)``."""
+  return d_in * d_out * (rank + positions)
+
+
+def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, compute_path: str = "auto") -> str:
+  """The compute path of one factorized layer for one step shape: ``'factors'`` or ``'kernel'``.
+
+  The rule, from static shapes only (never from keep counts, so a new keep count
+  never recompiles): run the two factors when their multiply-adds are strictly
+  fewer, ``positions * (d_in + d_out) * r < d_in * d_out * (r + positions)``;
+  otherwise form the kernel (one matmul or one convolution, the op a dense
+  layer runs). ``r`` is the rank axis the step computes with: the capacity for
+  a traced keep count, the keep count itself for a static one.
+
+  Both paths are convolutions of the same kind on the convolution side (a
+  spatial conv then a 1x1, or one spatial conv), never patches + matmul, which
+  is 3.5x slower than XLA CPU's direct convolution for LeNet's shapes while
+  costing the same FLOPs. Forming the kernel costs nothing per position, so
+  with many positions (every convolution, sequence models) and a rank near
+  ``min(d_in, d_out)`` the kernel wins; with few positions (an MLP at batch
+  128) or a small rank the factors win.
+
+  Args:
+    positions: rows the layer maps per call (static).
+    d_in: inputs of the matrix view (``kh * kw * c_in`` for a convolution).
+    d_out: outputs.
+    rank: size of the rank axis computed with.
+    compute_path: ``'auto'`` applies the rule; ``'factors'`` or ``'kernel'``
+      is returned as given.
+
+  Raises:
+    ValueError: an unknown ``compute_path``.
+  """
+  if compute_path not in COMPUTE_PATHS:
+    raise ValueError(f"compute_path must be one of {list(COMPUTE_PATHS)}, got {compute_path!r}")
+  if compute_path != "auto":
+    return compute_path
+  factors = factor_path_cost(positions, d_in, d_out, rank)
+  return "factors" if factors < kernel_path_cost(positions, d_in, d_out, rank) else "kernel"
