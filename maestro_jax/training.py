@@ -22,6 +22,7 @@ import optax
 from jax.experimental import checkify
 
 from maestro_jax import functional
+from maestro_jax import sharding
 from maestro_jax.functional import FunctionalModel  # noqa: F401  (the train step's model type; re-exported)
 from maestro_jax._src import regularizers
 from maestro_jax._src import sampling
@@ -55,7 +56,8 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
                     sampler: sampling.Sampler, lasso: float = 0.0, loss: str = "maestro", alpha: float = 0.5,
-                    frobenius_decay: float = 0.0, donate: bool = True, check_keeps: bool = False) -> Callable:
+                    frobenius_decay: float = 0.0, donate: bool = True, check_keeps: bool = False,
+                    mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE) -> Callable:
   """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
 
   Args:
@@ -71,6 +73,10 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     alpha: weight of the low-rank loss for ``'decomposable'``.
     frobenius_decay: weight of ``sum ||A B||_F^2`` (spectral-init baseline).
     donate: donate the input state's buffers.
+    mesh: keep the new state sharded over this 1-D mesh by
+      :func:`maestro_jax.sharding.state_shardings` (FSDP style; the rule reads
+      shapes at trace time, so it follows shrinking). None leaves placement to XLA.
+    min_shard_size: arrays smaller than this stay replicated (with ``mesh``).
     check_keeps: debugging mode: raise (via ``checkify``) when a sampled keep
       count is outside ``0..capacity`` instead of silently clipping it.
 
@@ -121,6 +127,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
                "grad_norm": optax.tree.norm(grads), "kept_fraction": kept.astype(jnp.float32)}
     new = {"params": params, "model_state": new_state, "opt_state": opt_state, "step": state["step"] + 1,
            "ranks": ranks}
+    if mesh is not None:
+      new = jax.lax.with_sharding_constraint(new, sharding.state_shardings(new, mesh, min_size=min_shard_size))
     return new, metrics
 
   if not check_keeps:
