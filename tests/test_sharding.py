@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from maestro_jax import sharding
@@ -31,3 +32,30 @@ def test_sharded_training_and_checkpoints_on_8_devices():
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "sharded equals replicated" in proc.stdout
   assert "restored onto 4 device(s) and continued identically" in proc.stdout
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """jax.distributed with a coordinator on 127.0.0.1: two processes, each feeding its half of every batch."""
+  script = str(REPO / "tests" / "multiprocess_check.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, script, str(tmp_path), str(port), str(i), "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out
+    assert "4 devices, saved, resumed identically" in out
+  single = subprocess.run([sys.executable, script, str(tmp_path), "0", "0", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stdout + single.stderr
+  one, two = np.load(tmp_path / "params_1.npz"), np.load(tmp_path / "params_2.npz")
+  assert sorted(one.files) == sorted(two.files) and one.files
+  for name in one.files:
+    np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5, err_msg=name)
