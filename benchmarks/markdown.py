@@ -18,7 +18,9 @@ def headline(name: str, section: dict[str, Any]) -> str:
     return "; ".join(f"{m} time vs dense {_x(r[f'{m}/maestro_full_rank/time_vs_dense'])} full rank, "
                      f"{_x(r[f'{m}/maestro_shrunk_25/time_vs_dense'])} at 25% "
                      f"(FLOPs {_x(r[f'{m}/maestro_full_rank/flops_vs_dense'])}, "
-                     f"{_x(r[f'{m}/maestro_shrunk_25/flops_vs_dense'])})" for m in models)
+                     f"{_x(r[f'{m}/maestro_shrunk_25/flops_vs_dense'])}; factors path "
+                     f"{_x(r[f'{m}/factors_full_rank/time_vs_dense'])}, "
+                     f"{_x(r[f'{m}/factors_shrunk_25/time_vs_dense'])})" for m in models)
   if name == "ordered_dropout_overhead":
     return "; ".join(f"{k.split('/')[0]} sampled vs keep=capacity {_x(v)}" for k, v in r.items())
   if name == "compile_count":

@@ -203,12 +203,16 @@ def bench_train_step_vs_dense(s: Settings) -> dict[str, Any]:
     data = _batch(shape, batch)
     dense = _build(name, shape, factorized=False, **spec["kwargs"])
     fmodel, params, model_state = _build(name, shape, factorized=True, **spec["kwargs"])
+    # The same model forced onto the two-factor path everywhere (the only path before per-layer choice).
+    factors_model, _, _ = _build(name, shape, factorized=True, compute_path="factors", **spec["kwargs"])
     shrunk, _, _ = maestro_jax.shrink(params, _fraction_ranks(params, 0.25))
     sampler = maestro_jax.samplers.single_layer()
     variants = {
         "dense": _stepper(*dense, opt, data, sampler=maestro_jax.samplers.none(), lasso=0.0),
         "maestro_full_rank": _stepper(fmodel, params, model_state, opt, data, sampler=sampler, lasso=LASSO),
         "maestro_shrunk_25": _stepper(fmodel, shrunk, model_state, opt, data, sampler=sampler, lasso=LASSO),
+        "factors_full_rank": _stepper(factors_model, params, model_state, opt, data, sampler=sampler, lasso=LASSO),
+        "factors_shrunk_25": _stepper(factors_model, shrunk, model_state, opt, data, sampler=sampler, lasso=LASSO),
     }
     times = timing.interleaved({k: v[0] for k, v in variants.items()}, rounds=spec["rounds"], inner=spec["inner"])
     base_flops = variants["dense"][1]
@@ -225,6 +229,8 @@ def bench_train_step_vs_dense(s: Settings) -> dict[str, Any]:
   out["notes"] += [
       "Maestro step = factorized layers with a traced keep-count mask, the single_layer sampler and the group "
       f"lasso (lambda {LASSO}); the dense twin has neither.",
+      "maestro_*: compute_path 'auto' (each layer runs the cheaper of the two-factor apply and the formed kernel "
+      "A diag(mask) B, chosen from shapes); factors_*: the same step with compute_path 'factors' everywhere.",
       "maestro_shrunk_25: every layer cut (maestro_jax.shrink) to ceil(0.25 * capacity) components, a fresh "
       "optimizer state.",
       "FLOP ratio: XLA cost analysis of the compiled steps (Compiled.cost_analysis()['flops']).",

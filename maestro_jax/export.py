@@ -19,7 +19,9 @@ Rank quantization (Hajimolahoseini et al.): :func:`quantize_ranks` snaps ranks
 up to a hardware-friendly multiple (8 on GPU, 128 on TPU);
 :func:`measure_layer_times` times each layer's factorized apply at candidate
 ranks against its dense kernel on the current backend and says which rank to use
-and whether to keep the layer dense.
+and whether to keep the layer dense; :func:`dense_by_latency` turns those
+timings into the ``dense=`` list of :func:`export` (a layer is merged when its
+kernel is at least as fast; the size rule where nothing could be timed).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from maestro_jax._src import tree
 
 __all__ = ["MERGE_MODES", "should_merge", "export", "layer_forms", "export_module", "module_from_exported",
            "export_functional", "save_exported", "load_exported", "quantize_ranks", "LayerTiming",
-           "layer_inputs", "measure_layer_times", "time_fn", "json_default"]
+           "layer_inputs", "measure_layer_times", "dense_by_latency", "time_fn", "json_default"]
 
 PyTree = Any
 MERGE_MODES = ("auto", "all", "none")
@@ -458,10 +460,13 @@ class LayerTiming:
 
 
 def _layer_fn(layer: mnnx.FactorizedModule) -> Callable:
+  # Timed as the layer runs it: on its own compute path (a factorized layer may form its kernel per call).
+  path = getattr(layer, "compute_path", "auto")
   if isinstance(layer, mnnx.Conv):
     return lambda p, x: core.conv(p, x, None, strides=layer.strides, padding=layer.padding,
-                                  dilation=layer.kernel_dilation, dtype=layer.dtype, precision=layer.precision)
-  return lambda p, x: core.dense(p, x, None, dtype=layer.dtype, precision=layer.precision)
+                                  dilation=layer.kernel_dilation, dtype=layer.dtype, precision=layer.precision,
+                                  compute_path=path)
+  return lambda p, x: core.dense(p, x, None, dtype=layer.dtype, precision=layer.precision, compute_path=path)
 
 
 def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Mapping[str, int] | None = None, *,
@@ -525,3 +530,54 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
     out[name] = LayerTiming(name=name, requested=requested, rank=rank, dense=dense_time <= times[rank],
                             times=times, dense_time=dense_time, input_shape=tuple(x.shape))
   return out
+
+
+def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks: Mapping[str, int] | None = None, *,
+                     timings: Mapping[str, LayerTiming] | None = None, batch_size: int = 32, repeats: int = 10,
+                     warmup: int = 2, seed: int = 0) -> list[str]:
+  """The layers to deploy as one dense kernel, by measured latency on the current backend.
+
+  Each factorized layer of ``model`` is timed at its export rank (factors cut to
+  ``ranks[name]``, applied as the layer would run them) against its merged
+  kernel (:func:`measure_layer_times` with quantum 1 and one candidate, so the
+  rank timed is the rank exported), and is merged when the dense kernel is at
+  least as fast. A layer with no timing (no ``input_shape`` given, a layer the
+  forward pass never calls, or a table without it) falls back on the size
+  rule, :func:`maestro_jax.should_merge`. So an exported model is not slower
+  than its dense twin layer by layer, within timing noise, wherever a layer
+  can be timed. Pass the result as ``export(..., dense=...)``; measure at the
+  batch size the model will serve.
+
+  Args:
+    model: an NNX model holding factorized layers (not modified).
+    input_shape: one example's shape, e.g. ``(28, 28, 1)``; None skips timing (size rule only).
+    ranks: export rank per layer (default: capacity).
+    timings: already measured times (e.g. from :func:`measure_layer_times`);
+      when given nothing is timed.
+    batch_size: examples per timed call.
+    repeats: timed runs per measurement.
+    warmup: untimed runs first.
+    seed: seed of the random inputs.
+
+  Returns:
+    Layer names to merge, in graph order.
+  """
+  modules = {tree.path_name(path): m for path, m in _factorized_modules(model) if not m.merged}
+  ranks = dict(ranks or {})
+  tree.check_names(ranks, modules, "layers in ranks")
+  ranks = {name: int(ranks.get(name, layer.capacity)) for name, layer in modules.items()}
+  if timings is None and input_shape is not None:
+    timings = measure_layer_times(model, input_shape, ranks, quantum=1, max_candidates=1, batch_size=batch_size,
+                                  repeats=repeats, warmup=warmup, seed=seed)
+  timings = timings or {}
+  merged = []
+  for name, layer in modules.items():
+    timing = timings.get(name)
+    rank = ranks[name]
+    if timing is not None and rank in timing.times:
+      merge = timing.dense_time <= timing.times[rank]
+    else:
+      merge = rules.should_merge(*kinds.matrix_dims(layer.factor_params()), rank)
+    if merge:
+      merged.append(name)
+  return merged

@@ -1,0 +1,223 @@
+"""The compute path of a factorized layer: the two paths agree, 'auto' chooses from shapes and never recompiles."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import maestro_jax as mj
+import maestro_jax.linen as mlinen
+import maestro_jax.nnx as mnnx
+from maestro_jax import models
+from maestro_jax._src import rules
+
+TOL = 1e-5
+
+
+def _randn(seed, shape, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, jnp.float32)
+
+
+def _max_diff(x, y):
+  """Largest difference over the leaves, relative to each leaf's largest magnitude when that is above 1."""
+  return max(float(jnp.max(jnp.abs(a - b)) / max(1.0, float(jnp.max(jnp.abs(b)))))
+             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+# ------------------------------------------------------------------------------------ the choice rule
+
+
+def test_costs_are_the_multiply_adds_of_each_path():
+  assert rules.factor_path_cost(positions=10, d_in=4, d_out=6, rank=3) == 10 * (4 + 6) * 3
+  assert rules.kernel_path_cost(positions=10, d_in=4, d_out=6, rank=3) == 4 * 6 * (3 + 10)
+
+
+@pytest.mark.parametrize("positions, d_in, d_out, rank, expected", [
+    # MLP 784 -> 256 at full rank, batch 128: too few rows to pay for forming the kernel.
+    (128, 784, 256, 256, "factors"),
+    # LeNet conv2 (5x5x6 -> 16) at full rank on 128 MNIST images: 8x8 output pixels each.
+    (128 * 8 * 8, 150, 16, 16, "kernel"),
+    # The same convolution at rank 2: the factors are cheaper.
+    (128 * 8 * 8, 150, 16, 2, "factors"),
+    # A d=128 Transformer projection on 64 sequences of 128 tokens, full rank.
+    (64 * 128, 128, 128, 128, "kernel"),
+    # A 512 x 512 layer at rank 8 on 1000 rows.
+    (1000, 512, 512, 8, "factors"),
+    # Batch 1 through a full-rank dense layer: forming the kernel costs d_in d_out r.
+    (1, 64, 64, 64, "factors"),
+    # Equal costs (2 * (2 + 2) * 2 == 2 * 2 * (2 + 2)): the one-op kernel path.
+    (2, 2, 2, 2, "kernel"),
+    # A static keep count of 0 computes nothing on the factor path.
+    (100, 8, 8, 0, "factors"),
+])
+def test_auto_choice_on_shapes(positions, d_in, d_out, rank, expected):
+  assert rules.choose_compute_path(positions, d_in, d_out, rank) == expected
+
+
+def test_forced_paths_and_unknown_path():
+  assert rules.choose_compute_path(128, 784, 256, 256, compute_path="kernel") == "kernel"
+  assert rules.choose_compute_path(10**6, 150, 16, 16, compute_path="factors") == "factors"
+  with pytest.raises(ValueError, match="compute_path must be one of"):
+    rules.choose_compute_path(1, 1, 1, 1, compute_path="fast")
+  with pytest.raises(ValueError, match="layer 'fc'.*compute_path"):
+    mj.dense(mj.init_layer(jax.random.key(0), (3, 2)), jnp.ones((1, 3)), name="fc", compute_path="fast")
+
+
+# ------------------------------------------------------------------- both paths: same function and gradients
+
+
+def _check_paths_agree(apply, params, x, keeps):
+  """``apply(params, x, keep, path)``: values and gradients (params and input) agree for every traced keep."""
+
+  def loss(params, x, keep, path):
+    y = apply(params, x, keep, path)
+    return jnp.sum(jnp.sin(y) * y), y
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=3)
+  for keep in keeps:
+    (l_f, y_f), g_f = grad(params, x, jnp.int32(keep), "factors")
+    (l_k, y_k), g_k = grad(params, x, jnp.int32(keep), "kernel")
+    assert _max_diff(y_f, y_k) <= TOL, keep
+    assert abs(float(l_f - l_k)) <= TOL * max(1.0, abs(float(l_f))), keep
+    assert _max_diff(g_f, g_k) <= TOL, keep
+
+
+def test_dense_paths_agree():
+  params = mj.factorize_kernel(_randn(0, (6, 5), 0.3), _randn(1, (5,), 0.1))
+  x = _randn(2, (3, 4, 6))
+  _check_paths_agree(lambda p, x, k, path: mj.dense(p, x, k, compute_path=path), params, x, [0, 1, 3, 5])
+
+
+@pytest.mark.parametrize("strides, padding, dilation", [
+    (1, "SAME", 1), (2, "VALID", 1), ((2, 1), ((1, 2), (0, 1)), 1), (1, "SAME", 2), (2, 1, (1, 2)),
+])
+def test_conv_paths_agree(strides, padding, dilation):
+  params = mj.factorize_kernel(_randn(0, (3, 3, 2, 4), 0.3), _randn(1, (4,), 0.1))
+  x = _randn(2, (2, 7, 6, 2))
+
+  def apply(p, x, k, path):
+    return mj.conv(p, x, k, strides=strides, padding=padding, dilation=dilation, compute_path=path)
+
+  _check_paths_agree(apply, params, x, [0, 2, 4])
+
+
+def test_attention_paths_agree():
+  d, heads = 8, 2
+  params = {w: mj.factorize_kernel(_randn(i, (d, d), 0.3), _randn(10 + i, (d,), 0.1))
+            for i, w in enumerate(("query", "key", "value", "out"))}
+  x = _randn(9, (2, 5, d))
+
+  def apply(p, x, k, path):
+    keeps = {"query": k, "key": jnp.maximum(k - 1, 0), "value": k, "out": k}
+    return mj.multi_head_attention(p, x, num_heads=heads, keep=keeps, compute_path=path)
+
+  _check_paths_agree(apply, params, x, [1, 4, 8])
+
+
+def test_static_keep_agrees_with_masked_on_both_paths():
+  params = mj.factorize_kernel(_randn(0, (3, 3, 3, 5), 0.3), _randn(1, (5,), 0.1))
+  x = _randn(2, (2, 6, 6, 3))
+  for path in ("factors", "kernel"):
+    for keep in (0, 2, 5):
+      sliced = mj.conv(params, x, keep, compute_path=path)
+      masked = mj.conv(params, x, jnp.int32(keep), compute_path=path)
+      assert _max_diff(sliced, masked) <= TOL, (path, keep)
+
+
+# ------------------------------------------------------------------------------ 'auto' wiring and traces
+
+
+def _jaxpr(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_auto_runs_the_path_the_rule_chooses():
+  # A full-rank convolution over many pixels: the kernel path.
+  conv_params = mj.factorize_kernel(_randn(0, (3, 3, 4, 4)))
+  images = _randn(1, (8, 16, 16, 4))
+  conv = lambda path: (lambda p, x, k: mj.conv(p, x, k, compute_path=path))
+  assert rules.choose_compute_path(8 * 16 * 16, 36, 4, 4) == "kernel"
+  args = (conv_params, images, jnp.int32(3))
+  assert _jaxpr(conv("auto"), *args) == _jaxpr(conv("kernel"), *args) != _jaxpr(conv("factors"), *args)
+  # A wide dense layer on a few rows: the factor path.
+  dense_params = mj.factorize_kernel(_randn(2, (64, 48)))
+  rows = _randn(3, (4, 64))
+  dense = lambda path: (lambda p, x, k: mj.dense(p, x, k, compute_path=path))
+  assert rules.choose_compute_path(4, 64, 48, 48) == "factors"
+  args = (dense_params, rows, jnp.int32(3))
+  assert _jaxpr(dense("auto"), *args) == _jaxpr(dense("factors"), *args) != _jaxpr(dense("kernel"), *args)
+
+
+def test_auto_counts_every_output_position_of_a_convolution():
+  # A full-rank 3x3 conv 1 -> 8 (d_in 9, d_out 8, r 8) forms its kernel from 9 output pixels on:
+  # factors 17 * 8 * P against kernel 72 * (8 + P). On one 3x3 image, stride 1 gives 9 pixels
+  # (kernel) and stride 2 gives 4 (factors), though the input has 9 pixels both times.
+  assert rules.choose_compute_path(9, 9, 8, 8) == "kernel" and rules.choose_compute_path(4, 9, 8, 8) == "factors"
+  params = mj.factorize_kernel(_randn(0, (3, 3, 1, 8)))
+  x = _randn(1, (1, 3, 3, 1))
+  for strides, expected in ((1, "kernel"), (2, "factors")):
+    fn = lambda path, strides=strides: (lambda p, x, k: mj.conv(p, x, k, strides=strides, compute_path=path))
+    args = (params, x, jnp.int32(5))
+    assert _jaxpr(fn("auto"), *args) == _jaxpr(fn(expected), *args), strides
+
+
+def test_changing_keep_counts_does_not_recompile_under_auto():
+  params = {"conv": mj.factorize_kernel(_randn(0, (3, 3, 2, 6))), "fc": mj.factorize_kernel(_randn(1, (6, 5)))}
+  x = _randn(2, (4, 8, 8, 2))
+  traces = []
+
+  @jax.jit
+  def loss(params, x, keeps):
+    traces.append(1)
+    h = jax.nn.relu(mj.conv(params["conv"], x, keeps["conv"]))
+    return jnp.sum(mj.dense(params["fc"], h.mean(axis=(1, 2)), keeps["fc"]) ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  for conv_keep, fc_keep in ((6, 5), (1, 5), (3, 2), (0, 0), (6, 1)):
+    keeps = {"conv": jnp.int32(conv_keep), "fc": jnp.int32(fc_keep)}
+    jax.block_until_ready(loss(params, x, keeps))
+    jax.block_until_ready(grad(params, x, keeps))
+  assert loss._cache_size() == 1 and grad._cache_size() == 1  # pylint: disable=protected-access
+  assert len(traces) == 1  # grad reuses the jitted loss's one trace
+
+
+# ----------------------------------------------------------------------------- skins thread the option
+
+
+def test_nnx_layers_and_models_pass_compute_path_to_the_core():
+  rngs = nnx.Rngs(0)
+  layers = [mnnx.Linear(3, 2, rngs=rngs, compute_path="fast"),
+            mnnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs, compute_path="fast"),
+            mnnx.Conv(2, 3, 3, rngs=rngs, compute_path="fast")]
+  inputs = [jnp.ones((1, 3)), jnp.ones((1, 2, 3)), jnp.ones((1, 5, 5, 2))]
+  for layer, x in zip(layers, inputs):
+    with pytest.raises(ValueError, match="compute_path"):
+      layer(x)
+  attention = mnnx.MultiHeadAttention(2, 4, rngs=rngs, compute_path="fast")
+  with pytest.raises(ValueError, match="compute_path"):
+    attention(jnp.ones((1, 3, 4)))
+  with pytest.raises(ValueError, match="compute_path"):
+    models.LeNet5(rngs=nnx.Rngs(0), compute_path="fast")
+
+
+def test_nnx_kernel_and_factor_paths_agree_in_a_model():
+  x = _randn(0, (2, 28, 28, 1))
+  outs = {path: models.LeNet5(rngs=nnx.Rngs(0), compute_path=path)(x) for path in ("factors", "kernel", "auto")}
+  assert _max_diff(outs["factors"], outs["kernel"]) <= TOL
+  assert _max_diff(outs["auto"], outs["kernel"]) <= TOL
+
+
+def test_linen_layers_pass_compute_path_to_the_core():
+  for module, x in ((mlinen.Dense(3, compute_path="fast"), jnp.ones((1, 2))),
+                    (mlinen.Conv(3, 3, compute_path="fast"), jnp.ones((1, 5, 5, 2))),
+                    (mlinen.DenseGeneral(4, axis=(-2, -1), compute_path="fast"), jnp.ones((1, 2, 3))),
+                    (mlinen.MultiHeadDotProductAttention(2, compute_path="fast"), jnp.ones((1, 3, 4)))):
+    with pytest.raises(ValueError, match="compute_path"):
+      module.init(jax.random.key(0), x)
+  x = _randn(1, (2, 6, 6, 2))
+  factors, kernel = mlinen.Conv(4, 3, compute_path="factors"), mlinen.Conv(4, 3, compute_path="kernel")
+  variables = factors.init(jax.random.key(0), x)
+  assert _max_diff(factors.apply(variables, x), kernel.apply(variables, x)) <= TOL
+  assert isinstance(factors, nn.Module)
