@@ -46,7 +46,7 @@ def test_overrides_parse_literals_and_reject_bad_values():
   assert (config.epochs, config.lasso, config.sampler, config.model_kwargs) == (3, 1e-3, "none", {"hidden": (8,)})
   with pytest.raises(ValueError, match=r"sampler='nope' is not valid; choose one of single_layer, independent"):
     config_lib.override(config, ["sampler=nope"])
-  with pytest.raises(ValueError, match=r"unknown config key 'epoch'; valid keys: dataset"):
+  with pytest.raises(ValueError, match=r"unknown config key 'epoch'; valid keys: task, dataset"):
     config_lib.override(config, ["epoch=3"])
   with pytest.raises(ValueError, match=r"override 'epochs' is not key=value"):
     config_lib.override(config, ["epochs"])

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -23,21 +24,30 @@ CHOICES = {
 
 
 def registry_choices() -> dict[str, tuple[str, ...]]:
-  """The valid values of the fields the library's registries own (imported only when a config is checked)."""
-  from maestro_jax import data, models, samplers, training  # pylint: disable=import-outside-toplevel
-  return {"dataset": tuple(data.DATASETS), "model": tuple(models.MODELS), "sampler": tuple(samplers.SAMPLERS),
-          "loss": tuple(training.LOSSES)}
+  """The valid values of the fields the registries own (imported only when a config is checked).
+
+  ``dataset`` and ``model`` list every task's; a config is checked against its own task's
+  (a model may also be an import path ``package.module:factory``, see :mod:`maestro_train.modeling`).
+  """
+  from maestro_jax import samplers, training  # pylint: disable=import-outside-toplevel
+  from . import tasks  # pylint: disable=import-outside-toplevel
+  return {"task": tuple(tasks.TASKS),
+          "dataset": tuple(d for t in tasks.TASKS.values() for d in t.datasets()),
+          "model": tuple(m for t in tasks.TASKS.values() for m in t.zoo()),
+          "sampler": tuple(samplers.SAMPLERS), "loss": tuple(training.LOSSES)}
 
 
 @dataclasses.dataclass
 class Config:
   """Everything a run needs. Defaults are the paper's where it gives one."""
+  task: str = "classification"         # 'classification' or 'language_modeling' (see maestro_train.tasks)
   dataset: str = "digits"
   data_dir: str | None = None          # tfds data dir
   idx_dir: str | None = None           # folder of original MNIST-format IDX files ('auto': look beside the repo)
   download: bool = False               # let tfds download a missing dataset
-  model: str = "mlp"
+  model: str = "mlp"                   # a zoo name, or a factory 'package.module:factory' (NNX or Linen)
   model_kwargs: dict = dataclasses.field(default_factory=dict)
+  python_path: tuple = ()              # folders to import a model factory from (a config file adds its own)
   factorized: bool = True
   init_from: str | None = None         # workdir of a finished dense run to start from, factorized by SVD
   rank_fraction: float | None = None   # with init_from: keep this fraction of each layer's rank (Pufferfish)
@@ -60,6 +70,9 @@ class Config:
   shrink_threshold: float = 1e-5
   rank_quantum: int = 1
   recalibrate_batches: int = 10        # BatchNorm recalibration before evaluation (0: off)
+  seq_len: int = 64                    # language modelling: tokens a model reads (windows of seq_len + 1)
+  steps_per_epoch: int = 0             # language modelling: steps between shrink/evaluate/save (0: one pass)
+  eval_max_windows: int = 0            # language modelling: windows of each epoch's evaluation (0: all)
   seed: int = 0
   checkpoint_every_steps: int = 500
   keep_checkpoints: int = 3
@@ -69,18 +82,27 @@ class Config:
     """Checks every field's type and range; raises ValueError with a one-line message."""
     for field in dataclasses.fields(self):
       setattr(self, field.name, _typed(field.name, getattr(self, field.name), _field_types()[field.name]))
-    for field, choices in {**CHOICES, **registry_choices()}.items():
+    from . import tasks  # pylint: disable=import-outside-toplevel
+    task = tasks.get(self.task)
+    choices = {**CHOICES, **registry_choices(), "dataset": task.datasets()}
+    choices["model"] = tuple(task.zoo())
+    if ":" in self.model:  # An import path is resolved when the model is built.
+      del choices["model"]
+    for field, valid in choices.items():
       value = getattr(self, field)
-      if value not in choices:
-        raise ValueError(f"config: {field}={value!r} is not valid; choose one of {', '.join(choices)}")
+      if value not in valid:
+        also = " or an import path 'package.module:factory'" if field == "model" else ""
+        raise ValueError(f"config: {field}={value!r} is not valid for task {self.task!r}; choose one of "
+                         f"{', '.join(valid)}{also}" if field in ("dataset", "model") else
+                         f"config: {field}={value!r} is not valid; choose one of {', '.join(valid)}")
     for field in ("epochs", "batch_size", "eval_batch_size", "rank_quantum", "checkpoint_every_steps",
-                  "keep_checkpoints", "log_every_steps"):
+                  "keep_checkpoints", "log_every_steps", "seq_len"):
       if getattr(self, field) < 1:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 1")
     if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
       raise ValueError(f"config: rank_fraction={self.rank_fraction!r} must be in (0, 1]")
     for field in ("learning_rate", "lasso", "frobenius_decay", "shrink_threshold", "weight_decay",
-                  "recalibrate_batches"):
+                  "recalibrate_batches", "steps_per_epoch", "eval_max_windows"):
       if getattr(self, field) < 0:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 0")
     if not 0 <= self.alpha <= 1:
@@ -147,13 +169,13 @@ def _typed(name: str, value: Any, kind: Any) -> Any:
 
 
 # Fields whose change makes an old checkpoint unusable for this run.
-IDENTITY_FIELDS = ("dataset", "model", "model_kwargs", "factorized", "init_from", "rank_fraction", "dense_layers",
+IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "factorized", "init_from", "rank_fraction", "dense_layers",
                    "batch_size", "optimizer", "seed", "sampler", "loss", "rank_quantum")
 
 # Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
-                     "lasso", "frobenius_decay", "shrink", "shrink_threshold")
+                     "lasso", "frobenius_decay", "shrink", "shrink_threshold", "steps_per_epoch")
 
 
 def available() -> list[str]:
@@ -163,10 +185,20 @@ def available() -> list[str]:
 def load(name_or_path: str) -> Config:
   """Loads a config by name (``train/configs/NAME.py``) or from a Python file defining ``get_config()``."""
   path = Path(name_or_path)
+  folder = None
   if path.suffix == ".py" and path.exists():
+    # The config file's folder is importable while it runs and for its model factory (``python_path``).
+    folder = str(path.parent.absolute())
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    added = folder not in sys.path
+    if added:
+      sys.path.insert(0, folder)
+    try:
+      spec.loader.exec_module(module)
+    finally:
+      if added and folder in sys.path:
+        sys.path.remove(folder)
   elif name_or_path in available():
     module = importlib.import_module(f"{__package__}.configs.{name_or_path}")
   else:
@@ -174,6 +206,9 @@ def load(name_or_path: str) -> Config:
   config = module.get_config()
   if not isinstance(config, Config):
     raise ValueError(f"{name_or_path}: get_config() must return maestro_train.config.Config")
+  if folder is not None:
+    paths = tuple(str((path.parent / p).absolute()) for p in config.python_path)
+    config = dataclasses.replace(config, python_path=paths + (() if folder in paths else (folder,)))
   return config
 
 

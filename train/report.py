@@ -41,10 +41,17 @@ def log_record(writer, record: dict) -> None:
   writer.flush()
 
 
-def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path) -> None:
-  """``ranks.png``: each layer's rank (as a fraction of its initial capacity) per epoch; ``accuracy.png``."""
+def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path, headline=None) -> None:
+  """``ranks.png``: each layer's rank (as a fraction of its initial capacity) per epoch; the headline metric's plot.
+
+  ``headline`` is the task's :class:`maestro_train.tasks.Metric` (default: test accuracy, ``accuracy.png``);
+  a metric that is not an accuracy is drawn to ``loss.png``.
+  """
   if not history:
     return
+  if headline is None:
+    from .tasks import Classification  # pylint: disable=import-outside-toplevel
+    headline = Classification.headline
   epochs = [h["epoch"] for h in history]
   if capacities:  # A dense run has no ranks to draw.
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -58,26 +65,39 @@ def plot_history(history: list[dict], capacities: dict[str, int], workdir: Path)
     plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test accuracy")
-  ax.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
+  name = headline.label.split(" (")[0]
+  ax.plot(epochs, [headline.scale * h[headline.key] for h in history], marker="o", label=name)
+  ax.set(xlabel="epoch", ylabel=headline.label, title=name)
   ax2 = ax.twinx()
   ax2.plot(epochs, [h["params"] for h in history], color="tab:orange", linestyle="--", label="parameters")
   ax2.set_ylabel("parameters")
   ax.grid(alpha=0.3)
-  fig.legend(loc="lower right")
+  fig.legend(loc="upper right" if not headline.higher_is_better else "lower right")
   fig.tight_layout()
-  fig.savefig(workdir / "accuracy.png", dpi=120)
+  fig.savefig(workdir / ("accuracy.png" if headline.key.endswith("accuracy") else "loss.png"), dpi=120)
   plt.close(fig)
 
 
+# Held-out metrics a summary reports, by task; the first is the headline.
+_SUMMARY_METRICS = {"classification": ("test_accuracy",),
+                    "language_modeling": ("validation_loss", "validation_bits_per_char", "validation_perplexity",
+                                          "validation_accuracy")}
+
+
 def summary(config, final: accounting.Report, full: accounting.Report, history: list[dict],
-            initial_caps: dict[str, int], ranks: dict[str, int], wall_seconds: float) -> dict[str, Any]:
-  """Final accuracy, the sizes of the dense, full-rank factorized and shrunk models, and every layer's rank."""
-  last = history[-1] if history else {}
+            initial_caps: dict[str, int], ranks: dict[str, int], wall_seconds: float,
+            final_metrics: dict | None = None) -> dict[str, Any]:
+  """Final held-out metrics, the sizes of the dense, full-rank factorized and shrunk models, and every layer's rank.
+
+  ``final_metrics`` are the run's closing evaluation; default the last epoch's record.
+  """
+  last = final_metrics or (history[-1] if history else {})
+  task = getattr(config, "task", "classification")
   return {
       "config": config.dataset + "/" + config.model,
+      "task": task,
       "epochs": len(history),
-      "test_accuracy": last.get("test_accuracy"),
+      **{key: last.get(key) for key in _SUMMARY_METRICS[task]},
       "wall_seconds": round(wall_seconds, 1),
       "params": {"dense": full.params_dense, "factorized_full_rank": full.params_factorized,
                  "shrunk": final.params_merged},
@@ -88,10 +108,17 @@ def summary(config, final: accounting.Report, full: accounting.Report, history: 
 
 
 def format_summary(s: dict[str, Any]) -> str:
-  acc = s["test_accuracy"]
-  lines = [f"{s['config']}: {s['epochs']} epochs, test accuracy "
-           f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}, {s['wall_seconds']} s",
-           "", f"{'model':<24}{'parameters':>14}{'MACs':>16}"]
+  if s.get("task", "classification") == "language_modeling":
+    loss = s["validation_loss"]
+    result = "n/a" if loss is None else (f"validation loss {loss:.4f} nats/char ({s['validation_bits_per_char']:.3f} "
+                                         f"bits/char, perplexity {s['validation_perplexity']:.2f})")
+    macs = "MACs/token"
+  else:
+    acc = s["test_accuracy"]
+    result = f"test accuracy {'n/a' if acc is None else f'{100 * acc:.2f}%'}"
+    macs = "MACs"
+  lines = [f"{s['config']}: {s['epochs']} epochs, {result}, {s['wall_seconds']} s",
+           "", f"{'model':<24}{'parameters':>14}{macs:>16}"]
   for key, label in (("dense", "dense"), ("factorized_full_rank", "factorized, full rank"),
                      ("shrunk", "after shrinking")):
     lines.append(f"{label:<24}{s['params'][key]:>14,}{s['macs'][key]:>16,}")

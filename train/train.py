@@ -28,14 +28,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import maestro_jax
-from maestro_jax import accounting
-from maestro_jax import data as data_lib
-from maestro_jax import models
 from maestro_jax import nnx as mnx
 from maestro_jax import training
 from . import config as config_lib
 from . import interrupt
+from . import modeling
 from . import report
+from . import tasks
 from . import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,26 +72,62 @@ def make_sampler(config: config_lib.Config) -> maestro_jax.Sampler | maestro_jax
   return maestro_jax.make_sampler(config.sampler, **config.sampler_kwargs)
 
 
-def load_data(config: config_lib.Config):
-  """The train and test sources of the configured dataset."""
-  idx_dir = config.idx_dir
-  if idx_dir == "auto":
-    idx_dir = data_lib.default_idx_dir(config.dataset)
-  kw = dict(data_dir=config.data_dir, download=config.download, idx_dir=idx_dir)
-  return data_lib.load(config.dataset, "train", **kw), data_lib.load(config.dataset, "test", **kw)
+def load_data(config: config_lib.Config, workdir: str | Path | None = None):
+  """The training and held-out sources of the configured dataset (``workdir``: read a saved vocabulary)."""
+  sources = tasks.get(config.task).load(config, None if workdir is None else Path(workdir))
+  return sources.train, sources.evaluation
 
 
-def build_model(config: config_lib.Config, source) -> nnx.Module:
-  """The configured model; with ``init_from``, a trained dense run's model factorized by SVD."""
+def load_sources(config: config_lib.Config, workdir: str | Path | None = None) -> tasks.Sources:
+  """The configured task's data (a language model's vocabulary is read from ``workdir`` when it is saved there)."""
+  return tasks.get(config.task).load(config, None if workdir is None else Path(workdir))
+
+
+def _as_sources(config: config_lib.Config, source_or_sources) -> tasks.Sources:
+  if isinstance(source_or_sources, tasks.Sources):
+    return source_or_sources
+  # A classification training source alone (the older call): its metadata is all a model needs.
+  return tasks.Sources(source_or_sources, None, None, {"num_classes": int(source_or_sources.num_classes),
+                                                       "image_shape": tuple(source_or_sources.image_shape)})
+
+
+def build_model(config: config_lib.Config, sources) -> Any:
+  """The configured model as built: an ``nnx.Module`` or an uninitialized Linen module.
+
+  With ``init_from``, a trained dense run's (NNX) model factorized by SVD.
+  """
+  sources = _as_sources(config, sources)
+  task = tasks.get(config.task)
   if config.init_from:
     run = load_run(config.init_from)
     if run.config.factorized:
       raise ValueError(f"init_from={config.init_from!r} must be a dense run (factorized=False)")
-    model = run.model.to_module(jax.device_get(run.state["params"]), jax.device_get(run.state["model_state"]))
+    model = modeling.to_nnx_module(run.model, jax.device_get(run.state["params"]),
+                                   jax.device_get(run.state["model_state"]), "init_from (SVD of a dense run)")
     # At rank_fraction None the function is unchanged (Pufferfish's switch from dense warm-up).
     return mnx.factorize(model, rank_fraction=config.rank_fraction, skip=tuple(config.dense_layers))
-  return models.make_model(config.model, num_classes=source.num_classes, image_shape=source.image_shape,
-                           factorized=config.factorized, rngs=nnx.Rngs(config.seed), **config.model_kwargs)
+  if modeling.is_import_path(config.model):
+    factory = modeling.resolve_factory(config.model, config.python_path)
+    return modeling.call_factory(factory, config.model, config, sources.factory_args)
+  return task.build_zoo_model(config.model, sources, factorized=config.factorized, rngs=nnx.Rngs(config.seed),
+                              kwargs=config.model_kwargs)
+
+
+def build_view(config: config_lib.Config, sources, *, module: Any = None) -> tuple[Any, dict, dict]:
+  """``(view, params, model_state)`` of the configured model, NNX or Linen (see :mod:`maestro_train.modeling`)."""
+  sources = _as_sources(config, sources)
+  module = build_model(config, sources) if module is None else module
+  return modeling.view_of(module, config.model, tasks.get(config.task), sources, config)
+
+
+def layer_positions(config: config_lib.Config, sources, view, params, model_state) -> dict[str, int]:
+  """Output positions of every weight layer per example, or per token for a language model (MACs per token)."""
+  task = tasks.get(config.task)
+  shape, dtype = task.example(sources, config)
+  positions = view.layer_positions(params, model_state, shape, dtype=dtype)
+  if task.per_token:
+    return {k: v // int(config.seq_len) for k, v in positions.items()}
+  return positions
 
 
 class Shards:
@@ -262,18 +297,35 @@ def _save(manager, state, meta):
 
 @dataclasses.dataclass
 class Run:
-  """A trained run loaded back from its workdir (see :func:`load_run`)."""
+  """A trained run loaded back from its workdir (see :func:`load_run`).
+
+  ``model`` is the functional view (NNX or Linen); ``sources`` the task's data;
+  ``positions`` the layer positions per example (per token for a language model).
+  """
   config: config_lib.Config
-  model: training.FunctionalModel
+  model: Any
   state: dict
-  train_source: Any
-  test_source: Any
+  sources: tasks.Sources
   positions: dict[str, int]
   initial_capacities: dict[str, int]
+  module: Any = None
 
   @property
   def ranks(self) -> dict[str, int]:
     return _host_ranks(self.state)
+
+  @property
+  def task(self):
+    return tasks.get(self.config.task)
+
+  @property
+  def train_source(self):
+    return self.sources.train
+
+  @property
+  def test_source(self):
+    """The held-out source every epoch was scored on (the validation works of a language model)."""
+    return self.sources.evaluation
 
 
 def load_run(workdir: str | Path, *, optimizer_state: bool = False) -> Run:
@@ -294,10 +346,10 @@ def load_run(workdir: str | Path, *, optimizer_state: bool = False) -> Run:
   config = config_lib.Config.from_json((workdir / "config.json").read_text(), workdir / "config.json")
   if not _has_checkpoints(workdir):  # Checked first: the manager would create the folder.
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  train_src, test_src = load_data(config)
-  model = build_model(config, train_src)
-  fmodel, params, model_state = training.FunctionalModel.from_module(model)
-  steps = data_lib.num_batches(len(train_src), config.batch_size, drop_remainder=True) * config.epochs
+  sources = load_sources(config, workdir)
+  module = build_model(config, sources)
+  fmodel, params, model_state = build_view(config, sources, module=module)
+  steps = tasks.get(config.task).steps_per_epoch(sources, config) * config.epochs
   optimizer = make_optimizer(config, steps)
   manager = _checkpoint_manager(workdir, config, read_only=True)
   try:
@@ -307,8 +359,8 @@ def load_run(workdir: str | Path, *, optimizer_state: bool = False) -> Run:
     manager.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  return Run(config, fmodel, restored[0], train_src, test_src,
-             accounting.layer_positions(model, train_src.image_shape), maestro_jax.capacities(params))
+  return Run(config, fmodel, restored[0], sources, layer_positions(config, sources, fmodel, params, model_state),
+             maestro_jax.capacities(params), module)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -319,10 +371,12 @@ def _host_ranks(state) -> dict[str, int]:
 
 
 def _calibration_images(source, config, count: int):
-  """``count`` unaugmented training batches stacked as ``(count, B, H, W, C)`` for BatchNorm recalibration."""
-  it = data_lib.batches(source, config.batch_size, seed=config.seed + 1, epoch=0, train=True, augment=False)
-  images = [b["image"] for _, b in zip(range(count), it)]
-  return np.stack(images)
+  """``count`` training batches of model inputs stacked as ``(count, B, ...)`` for BatchNorm recalibration.
+
+  ``source`` is the training source (or the task's :class:`~maestro_train.tasks.Sources`).
+  """
+  sources = source if isinstance(source, tasks.Sources) else tasks.Sources(source, None, None, {})
+  return tasks.get(config.task).calibration_inputs(sources, config, count)
 
 
 @contextlib.contextmanager
@@ -388,10 +442,10 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   changes = _check_resume(workdir, config, allow_changes)
   workdir_lib.atomic_write_text(workdir / "config.json", config.to_json())
 
-  train_src, test_src = load_data(config)
-  steps_per_epoch = data_lib.num_batches(len(train_src), config.batch_size, drop_remainder=True)
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={config.batch_size} is larger than the {len(train_src)} training examples")
+  task = tasks.get(config.task)
+  sources = load_sources(config, workdir)  # a resumed language model reads its saved vocabulary
+  task.save(sources, workdir)
+  steps_per_epoch = task.steps_per_epoch(sources, config)
   total_steps = steps_per_epoch * config.epochs
   shards = Shards(devices)
   if config.batch_size % shards.size:
@@ -399,12 +453,11 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   # Evaluation batches are padded and masked, so rounding their size up to the device count changes nothing.
   eval_batch_size = -(-config.eval_batch_size // shards.size) * shards.size
 
-  model = build_model(config, train_src)
-  fmodel, params, model_state = training.FunctionalModel.from_module(model)
+  fmodel, params, model_state = build_view(config, sources)
   optimizer = make_optimizer(config, total_steps)
   state = training.init_state(params, model_state, optimizer)
   initial_caps = maestro_jax.capacities(params)
-  positions = accounting.layer_positions(model, train_src.image_shape)
+  positions = layer_positions(config, sources, fmodel, params, model_state)
   full_size = report.sizes(params, None, positions)
   manager = _checkpoint_manager(workdir, config)
 
@@ -440,6 +493,19 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
 
   def wall_seconds():
     return earlier_seconds + time.perf_counter() - start_time
+
+  def recalibrated(state):
+    if config.recalibrate_batches and jax.tree.leaves(state["model_state"]):
+      calib = task.calibration_inputs(sources, config, config.recalibrate_batches)
+      return recalibrate(state["params"], state["model_state"], jnp.asarray(calib), state["ranks"])
+    return state["model_state"]
+
+  def evaluate(state, eval_state, *, periodic: bool) -> dict[str, float]:
+    """The task's metrics on the held-out source, named ``<split>_<metric>``."""
+    batches = task.eval_batches(sources.evaluation, config, eval_batch_size, periodic=periodic)
+    result = training.evaluate(eval_step, state["params"], eval_state, (shards.put_batch(b) for b in batches),
+                               state["ranks"])
+    return task.metrics(task.eval_split, result["loss"], result["accuracy"])
 
   def newest_finite():
     manager.wait_until_finished()
@@ -485,8 +551,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
           stop(interrupt.requested())
         epoch_start = time.perf_counter()
         start_batch = step % steps_per_epoch
-        stream = data_lib.batches(train_src, config.batch_size, seed=config.seed, epoch=epoch,
-                                  start_batch=start_batch, train=True)
+        stream = task.train_batches(sources, config, epoch, start_batch)
         bar = tqdm(stream, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False, dynamic_ncols=True)
         metrics = None
@@ -495,7 +560,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
           step += 1
           if step % config.log_every_steps == 0:
             loss = check_finite(metrics, step)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{float(metrics['accuracy']):.3f}")
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{float(metrics['accuracy']):.3f}")  # token accuracy for an LM
           if step % steps_per_epoch == 0:
             continue  # The epoch's end saves, with its record.
           if step % config.checkpoint_every_steps == 0:
@@ -522,18 +587,11 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
             state = shards.put_state(dict(host, params=params, opt_state=opt_state,
                                           ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
 
-        eval_state = state["model_state"]
-        if config.recalibrate_batches and jax.tree.leaves(eval_state):
-          calib = _calibration_images(train_src, config, config.recalibrate_batches)
-          eval_state = recalibrate(state["params"], state["model_state"], jnp.asarray(calib), state["ranks"])
-        test = training.evaluate(eval_step, state["params"], eval_state,
-                                 (shards.put_batch(b) for b in data_lib.batches(
-                                     test_src, eval_batch_size, train=False)), state["ranks"])
+        evaluated = evaluate(state, recalibrated(state), periodic=True)
         size = report.sizes(state["params"], _host_ranks(state), positions)
         record = {"epoch": epoch + 1, "step": step, "train_loss": float(metrics["loss"]),
                   "train_task_loss": float(metrics["task_loss"]), "penalty": float(metrics["penalty"]),
-                  "test_accuracy": test["accuracy"], "test_loss": test["loss"], "ranks": _host_ranks(state),
-                  "params": size.params_merged, "macs": size.macs_merged,
+                  **evaluated, "ranks": _host_ranks(state), "params": size.params_merged, "macs": size.macs_merged,
                   "epoch_seconds": round(train_seconds, 3)}
         history.append(record)
         # The record is part of the checkpoint; metrics.jsonl gets it once the checkpoint is on disk, and a
@@ -542,13 +600,18 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
         manager.wait_until_finished()
         workdir_lib.append_record(workdir, record)
         report.log_record(tensorboard, record)
-        report.plot_history(history, initial_caps, workdir)
-        print(f"epoch {epoch + 1}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, "
+        report.plot_history(history, initial_caps, workdir, task.headline)
+        print(f"epoch {epoch + 1}: {task.describe(evaluated, task.eval_split)}, "
               f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
 
       ranks = _host_ranks(state)
+      final = dict(history[-1]) if history else {}
+      if config.task == "language_modeling" and config.eval_max_windows and history:
+        # Epochs scored a prefix of the held-out text; the run's result is the whole of it.
+        final.update(evaluate(state, recalibrated(state), periodic=False))
+        print(f"full {task.describe(final, task.eval_split)}")
       summary = report.summary(config, report.sizes(state["params"], ranks, positions), full_size, history,
-                               initial_caps, ranks, wall_seconds=wall_seconds())
+                               initial_caps, ranks, wall_seconds=wall_seconds(), final_metrics=final)
       report.write_summary(summary, workdir)
     finally:
       if tensorboard is not None:

@@ -21,7 +21,7 @@ MARKER = ".maestro-train"
 LOCK = ".maestro-train.lock"
 # Everything maestro-train writes into a workdir; --fresh removes these and nothing else.
 OWNED = ("checkpoints", "skipped_checkpoints", "config.json", "config_changes.jsonl", "metrics.jsonl",
-         "summary.json", "summary.txt", "ranks.png", "accuracy.png", "tensorboard")
+         "summary.json", "summary.txt", "ranks.png", "accuracy.png", "loss.png", "vocab.json", "tensorboard")
 
 
 class WorkdirError(Exception):
