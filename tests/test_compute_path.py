@@ -56,6 +56,17 @@ def test_auto_choice_on_shapes(positions, d_in, d_out, rank, expected):
   assert rules.choose_compute_path(positions, d_in, d_out, rank) == expected
 
 
+def test_lanes_price_narrow_outputs_as_wide():
+  # LeNet conv2 at rank 4 on 128 images: 0.28x the dense FLOPs on the factors, but XLA CPU runs the
+  # 4-channel spatial conv at the cost of 16 channels.
+  assert rules.choose_compute_path(128 * 8 * 8, 150, 16, 4) == "factors"
+  assert rules.choose_compute_path(128 * 8 * 8, 150, 16, 4, lanes=16) == "kernel"
+  assert rules.factor_path_cost(10, 150, 16, 4, lanes=16) == 10 * (150 * 16 + 4 * 16)
+  assert rules.kernel_path_cost(10, 25, 6, 6, lanes=16) == 25 * 6 * 6 + 10 * 25 * 16
+  # Wide layers are unaffected: a 3x3 conv 128 -> 128 at rank 32.
+  assert rules.choose_compute_path(512, 1152, 128, 32, lanes=16) == "factors"
+
+
 def test_forced_paths_and_unknown_path():
   assert rules.choose_compute_path(128, 784, 256, 256, compute_path="kernel") == "kernel"
   assert rules.choose_compute_path(10**6, 150, 16, 16, compute_path="factors") == "factors"
@@ -138,9 +149,15 @@ def test_auto_runs_the_path_the_rule_chooses():
   conv_params = mj.factorize_kernel(_randn(0, (3, 3, 4, 4)))
   images = _randn(1, (8, 16, 16, 4))
   conv = lambda path: (lambda p, x, k: mj.conv(p, x, k, compute_path=path))
+  assert rules.choose_compute_path(8 * 16 * 16, 36, 4, 4, lanes=rules.CPU_CONV_LANES) == "kernel"
   assert rules.choose_compute_path(8 * 16 * 16, 36, 4, 4) == "kernel"
   args = (conv_params, images, jnp.int32(3))
   assert _jaxpr(conv("auto"), *args) == _jaxpr(conv("kernel"), *args) != _jaxpr(conv("factors"), *args)
+  # On CPU a narrow rank is priced at CPU_CONV_LANES channels: LeNet conv2 at rank 4 forms its kernel.
+  if jax.default_backend() == "cpu":
+    narrow = mj.factorize_kernel(_randn(4, (5, 5, 6, 16)), rank=4)
+    args = (narrow, _randn(5, (16, 12, 12, 6)), jnp.int32(2))
+    assert _jaxpr(conv("auto"), *args) == _jaxpr(conv("kernel"), *args)
   # A wide dense layer on a few rows: the factor path.
   dense_params = mj.factorize_kernel(_randn(2, (64, 48)))
   rows = _randn(3, (4, 64))
@@ -151,10 +168,11 @@ def test_auto_runs_the_path_the_rule_chooses():
 
 
 def test_auto_counts_every_output_position_of_a_convolution():
-  # A full-rank 3x3 conv 1 -> 8 (d_in 9, d_out 8, r 8) forms its kernel from 9 output pixels on:
-  # factors 17 * 8 * P against kernel 72 * (8 + P). On one 3x3 image, stride 1 gives 9 pixels
-  # (kernel) and stride 2 gives 4 (factors), though the input has 9 pixels both times.
-  assert rules.choose_compute_path(9, 9, 8, 8) == "kernel" and rules.choose_compute_path(4, 9, 8, 8) == "factors"
+  # A full-rank 3x3 conv 1 -> 8 (d_in 9, d_out 8, r 8): on one 3x3 image stride 1 gives 9 output
+  # pixels (kernel) and stride 2 gives 4 (factors), though the input has 9 pixels both times.
+  lanes = rules.CPU_CONV_LANES if jax.default_backend() == "cpu" else 1
+  assert rules.choose_compute_path(9, 9, 8, 8, lanes=lanes) == "kernel"
+  assert rules.choose_compute_path(4, 9, 8, 8, lanes=lanes) == "factors"
   params = mj.factorize_kernel(_randn(0, (3, 3, 1, 8)))
   x = _randn(1, (1, 3, 3, 1))
   for strides, expected in ((1, "kernel"), (2, "factors")):

@@ -191,3 +191,60 @@ def test_measure_layer_times_structure():
   assert export.layer_inputs(model, (16, 16, 1))["fc1"] == (16,)
   with pytest.raises(ValueError, match="unknown"):
     export.measure_layer_times(model, (16, 16, 1), {"nope": 1})
+
+
+def _timing(name, rank, factor_s, dense_s):
+  return export.LayerTiming(name=name, requested=rank, rank=rank, dense=dense_s <= factor_s, times={rank: factor_s},
+                            dense_time=dense_s, input_shape=(32,))
+
+
+def test_dense_by_latency_merges_where_the_kernel_is_not_slower():
+  model = _mlp()  # layers 64 -> 24 -> 16 -> 10
+  ranks = {"layers.0": 4, "layers.1": 12, "layers.2": 3}
+  # layers.0 is small as factors (size rule: keep) but timed slower; layers.1 is not smaller
+  # ((24 + 16) * 12 >= 24 * 16, size rule: merge) but timed faster; a tie merges.
+  table = {"layers.0": _timing("layers.0", 4, factor_s=2e-3, dense_s=1e-3),
+           "layers.1": _timing("layers.1", 12, factor_s=1e-3, dense_s=2e-3),
+           "layers.2": _timing("layers.2", 3, factor_s=1e-3, dense_s=1e-3)}
+  assert not mj.should_merge(64, 24, 4) and mj.should_merge(24, 16, 12)
+  assert export.dense_by_latency(model, None, ranks, timings=table) == ["layers.0", "layers.2"]
+  # The list is what export() takes: those layers come out dense, the others factorized.
+  forms = export.layer_forms(export.export(nnx.to_pure_dict(nnx.state(model, nnx.Param)), ranks, merge="none",
+                                           dense=["layers.0", "layers.2"]))
+  assert [forms[n]["form"] for n in ("layers.0", "layers.1", "layers.2")] == ["dense", "factorized", "dense"]
+
+
+def test_dense_by_latency_falls_back_on_the_size_rule():
+  model = _mlp()
+  ranks = {"layers.0": 4, "layers.1": 12, "layers.2": 3}
+  # No timing at all: the size rule, (d_in + d_out) r >= d_in d_out.
+  assert export.dense_by_latency(model, None, ranks) == ["layers.1"]
+  # A layer missing from the table, or timed at another rank, takes the size rule too.
+  table = {"layers.0": _timing("layers.0", 8, factor_s=2e-3, dense_s=1e-3),
+           "layers.2": _timing("layers.2", 3, factor_s=1e-3, dense_s=5e-3)}
+  assert export.dense_by_latency(model, None, ranks, timings=table) == ["layers.1"]
+  with pytest.raises(ValueError, match="unknown"):
+    export.dense_by_latency(model, None, {"layers.9": 1})
+
+
+def test_dense_by_latency_times_each_layer_at_its_export_rank(monkeypatch):
+  model = _mlp()
+  calls = []
+
+  def fake_measure(model_, input_shape, ranks, **kwargs):
+    calls.append((input_shape, dict(ranks), kwargs))
+    return {name: _timing(name, rank, factor_s=1.0, dense_s=2.0 if name == "layers.1" else 0.5)
+            for name, rank in ranks.items()}
+
+  monkeypatch.setattr(export, "measure_layer_times", fake_measure)
+  merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=7)
+  assert merged == ["layers.0", "layers.2"]
+  (input_shape, ranks, kwargs), = calls
+  assert input_shape == (8, 8, 1) and ranks == {"layers.0": 4, "layers.1": 16, "layers.2": 10}
+  assert kwargs["quantum"] == 1 and kwargs["max_candidates"] == 1 and kwargs["batch_size"] == 7
+
+
+def test_dense_by_latency_measures_on_this_backend():
+  model = _mlp()
+  merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=4, repeats=1, warmup=1)
+  assert set(merged) <= {"layers.0", "layers.1", "layers.2"}

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maestro_jax._src.rules import COMPUTE_PATHS
+from maestro_jax._src.rules import CPU_CONV_LANES
 from maestro_jax._src.rules import choose_compute_path
 from maestro_jax._src.rules import full_rank
 
@@ -120,7 +121,7 @@ def _positions(first_factor, x: Array, a: Array) -> int:
   return math.prod(out.shape[:-1])
 
 
-def _inner(params, x, keep, name, first_factor, precision, compute_path="auto"):
+def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", lanes=1):
   """Shared apply of a factorized layer on the cheaper of two paths, chosen from static shapes.
 
   ``'factors'``: ``z = first_factor(x, A)``, mask (or slice) the rank axis,
@@ -147,7 +148,8 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto"):
     mask = keep
   a, b, bias = params["a"], params["b"], params.get("bias")
   rank, d_in, d_out = a.shape[-1], math.prod(a.shape[:-1]), b.shape[-1]
-  path = choose_compute_path(_positions(first_factor, x, a), d_in, d_out, rank, compute_path=compute_path)
+  path = choose_compute_path(_positions(first_factor, x, a), d_in, d_out, rank, compute_path=compute_path,
+                             lanes=lanes)
   if path == "kernel":
     if mask is not None:
       # Masking B's rows costs r * d_out, less than masking A's columns (d_in * r) for a convolution.
@@ -298,7 +300,9 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return z.reshape(batch_shape + z.shape[1:])
 
-  return _inner(params, x, keep, name, spatial, precision, compute_path)
+  # Narrow convolutions run at the cost of CPU_CONV_LANES channels on XLA CPU (see choose_compute_path).
+  lanes = CPU_CONV_LANES if jax.default_backend() == "cpu" else 1
+  return _inner(params, x, keep, name, spatial, precision, compute_path, lanes)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,

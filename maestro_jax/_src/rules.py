@@ -97,23 +97,40 @@ def largest_factorized_rank(d_in: int, d_out: int) -> int:
 COMPUTE_PATHS = ("auto", "factors", "kernel")
 
 
-def factor_path_cost(positions: int, d_in: int, d_out: int, rank: int) -> int:
+# XLA CPU's direct convolution vectorizes over output channels, 16 float32 lanes of AVX-512 at a time:
+# a convolution to fewer channels costs about what 16 would (measured on 2 cores: LeNet's conv2 at
+# rank 4 takes 1.21x the dense conv's time on the factor path, 1.15x on the kernel path, though the
+# factors cost 0.28x its FLOPs; with 32 or more channels the FLOP count ranks the two paths right).
+CPU_CONV_LANES = 16
+
+
+def _wide(width: int, lanes: int) -> int:
+  return max(width, lanes) if width else 0
+
+
+def factor_path_cost(positions: int, d_in: int, d_out: int, rank: int, *, lanes: int = 1) -> int:
   """Multiply-adds of the two-factor apply: ``positions * (d_in + d_out) * rank``.
 
   ``positions`` is the number of rows the layer maps (every leading axis of a
   dense input; batch times output pixels of a convolution, whose ``d_in`` is
   ``kh * kw * c_in``). The backward pass costs twice the forward on either
-  path, so the forward comparison decides training as well.
+  path, so the forward comparison decides training as well. With ``lanes > 1``
+  every output width (``rank`` of the first factor, ``d_out`` of the second)
+  counts as at least ``lanes`` (see :data:`CPU_CONV_LANES`).
   """
-  return positions * (d_in + d_out) * rank
+  return positions * (d_in * _wide(rank, lanes) + rank * _wide(d_out, lanes))
 
 
-def kernel_path_cost(positions: int, d_in: int, d_out: int, rank: int) -> int:
-  """Multiply-adds of forming ``W = A diag(mask) B`` once and applying it: ``d_in * d_out * (rank + positions)``."""
-  return d_in * d_out * (rank + positions)
+def kernel_path_cost(positions: int, d_in: int, d_out: int, rank: int, *, lanes: int = 1) -> int:
+  """Multiply-adds of forming ``W = A diag(mask) B`` once and applying it: ``d_in * d_out * (rank + positions)``.
+
+  With ``lanes > 1`` the applied kernel's ``d_out`` counts as at least ``lanes``.
+  """
+  return d_in * d_out * rank + positions * d_in * _wide(d_out, lanes)
 
 
-def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, compute_path: str = "auto") -> str:
+def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, compute_path: str = "auto",
+                        lanes: int = 1) -> str:
   """The compute path of one factorized layer for one step shape: ``'factors'`` or ``'kernel'``.
 
   The rule, from static shapes only (never from keep counts, so a new keep count
@@ -121,15 +138,19 @@ def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, com
   fewer, ``positions * (d_in + d_out) * r < d_in * d_out * (r + positions)``;
   otherwise form the kernel (one matmul or one convolution, the op a dense
   layer runs). ``r`` is the rank axis the step computes with: the capacity for
-  a traced keep count, the keep count itself for a static one.
+  a traced keep count, the keep count itself for a static one. The backward
+  pass doubles both sides, so one rule serves training and inference.
 
-  Both paths are convolutions of the same kind on the convolution side (a
-  spatial conv then a 1x1, or one spatial conv), never patches + matmul, which
-  is 3.5x slower than XLA CPU's direct convolution for LeNet's shapes while
-  costing the same FLOPs. Forming the kernel costs nothing per position, so
-  with many positions (every convolution, sequence models) and a rank near
-  ``min(d_in, d_out)`` the kernel wins; with few positions (an MLP at batch
-  128) or a small rank the factors win.
+  Where FLOPs mislead: the convolutions of XLA CPU run narrow outputs at the
+  cost of :data:`CPU_CONV_LANES` channels, so on CPU a convolution layer
+  passes ``lanes=CPU_CONV_LANES`` and every output width below it counts as
+  that width. Both paths stay direct convolutions (a spatial conv then a 1x1,
+  or one spatial conv), never patches + matmul, which costs the same FLOPs and
+  runs 3.5x slower than XLA CPU's direct convolution for LeNet's shapes.
+
+  Forming the kernel costs nothing per position, so with many positions (every
+  convolution, sequence models) and a rank near ``min(d_in, d_out)`` the kernel
+  wins; with few positions (an MLP at batch 128) or a small rank the factors win.
 
   Args:
     positions: rows the layer maps per call (static).
@@ -138,6 +159,7 @@ def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, com
     rank: size of the rank axis computed with.
     compute_path: ``'auto'`` applies the rule; ``'factors'`` or ``'kernel'``
       is returned as given.
+    lanes: the narrowest output width the backend runs at full speed (1: FLOPs as they are).
 
   Raises:
     ValueError: an unknown ``compute_path``.
@@ -146,5 +168,5 @@ def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, com
     raise ValueError(f"compute_path must be one of {list(COMPUTE_PATHS)}, got {compute_path!r}")
   if compute_path != "auto":
     return compute_path
-  factors = factor_path_cost(positions, d_in, d_out, rank)
-  return "factors" if factors < kernel_path_cost(positions, d_in, d_out, rank) else "kernel"
+  factors = factor_path_cost(positions, d_in, d_out, rank, lanes=lanes)
+  return "factors" if factors < kernel_path_cost(positions, d_in, d_out, rank, lanes=lanes) else "kernel"
