@@ -70,8 +70,10 @@ from maestro_jax.data.sources import pixel_stats
 from maestro_jax.data.sources import load
 from maestro_jax.data.sources import stratified_split
 from maestro_jax.data.sources import default_idx_dir
+from maestro_jax.data.loader import grain_loader
 
 __all__ = [
+    "grain_loader",
     "TFDS_DATASETS",
     "IDX_DATASETS",
     "DATASETS",
