@@ -319,3 +319,12 @@ def test_host_shards_partition_the_global_batch(train):
     data.batches(source, 7, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="process_index < process_count"):
     data.batches(source, 8, process_index=2, process_count=2)
+
+
+def test_preparing_a_tfds_dataset_without_tensorflow_is_one_line(monkeypatch):
+  """Reading needs no TensorFlow; preparing does, and the error names the install extra."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
+  with pytest.raises(ModuleNotFoundError, match=r"preparing tfds dataset 'cifar10' needs TensorFlow: .*maestro-jax\[prepare\]"):
+    data.load("cifar10", "train", download=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import importlib.util
 import operator
 import os
 from pathlib import Path
@@ -272,6 +273,10 @@ def _in_memory(name: str, split: str, meta: _Meta, images: np.ndarray, labels: n
 def _load_tfds(name: str, split: str, meta: _Meta, *, data_dir, download: bool) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  if download and importlib.util.find_spec("tensorflow") is None:
+    # Reading a prepared dataset needs no TensorFlow; preparing (downloading and converting) an image dataset does.
+    raise ModuleNotFoundError(f"preparing tfds dataset {name!r} needs TensorFlow: pip install 'maestro-jax[prepare]' "
+                              "(or prepare it once elsewhere and pass data_dir)")
   try:
     records = tfds.data_source(
         name,
