@@ -487,6 +487,9 @@ def bench_sweep_vs_loop(s: Settings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ 5. export latency
 
 
+MEASURED_FRACTIONS = (1.0, 0.5, 0.25)
+
+
 def bench_export_latency(s: Settings) -> dict[str, Any]:
   """Inference latency of exported models at rank fractions vs the dense twin."""
   out = _section("Exported-model inference latency vs dense",
@@ -503,9 +506,20 @@ def bench_export_latency(s: Settings) -> dict[str, Any]:
       forms = export_lib.layer_forms(eparams)
       merged = sum(f["form"] == "dense" for f in forms.values())
       exported[fraction] = (efm, eparams, estate, f"{merged}/{len(forms)}")
+    module = fmodel.to_module(params, model_state)
     for batch, inner in s.export_inner:
       x = _batch(MNIST_SHAPE, batch)["image"]
       fns, flops = {}, {}
+      measured = {}
+      for fraction in MEASURED_FRACTIONS:
+        # Merged layers chosen by timing each layer at this batch (export.dense_by_latency).
+        ranks = _fraction_ranks(params, fraction)
+        dense_layers = export_lib.dense_by_latency(module, MNIST_SHAPE, ranks, batch_size=batch,
+                                                   repeats=s.export_rounds)
+        efm, eparams, estate = export_lib.export_functional(fmodel, params, model_state, ranks, merge="none",
+                                                            dense=dense_layers)
+        measured[f"{fraction}/measured"] = (efm, eparams, estate,
+                                            f"{len(dense_layers)}/{len(export_lib.layer_forms(eparams))}")
 
       def forward(fm, p, st, x):
         fn = jax.jit(lambda p, st, x: fm.apply(p, st, x)[0])
@@ -513,13 +527,13 @@ def bench_export_latency(s: Settings) -> dict[str, Any]:
         return (lambda: fn(p, st, x)), flops_
 
       fns["dense"], flops["dense"] = forward(dense_fm, dense_params, dense_state, x)
-      for fraction, (efm, eparams, estate, _) in exported.items():
+      for fraction, (efm, eparams, estate, _) in {**exported, **measured}.items():
         fns[fraction], flops[fraction] = forward(efm, eparams, estate, x)
       times = timing.interleaved(fns, rounds=s.export_rounds, inner=inner, warmup=2)
       out["rows"].append([name, batch, "dense", "-", round(1e6 * timing.median(times["dense"]), 1), 1.0, 1.0])
-      for fraction in fractions:
+      for fraction in [*fractions, *measured]:
         ratio = timing.paired_ratio(times, fraction, "dense")
-        out["rows"].append([name, batch, fraction, exported[fraction][3],
+        out["rows"].append([name, batch, fraction, {**exported, **measured}[fraction][3],
                             round(1e6 * timing.median(times[fraction]), 1), _r(ratio),
                             _r(flops[fraction] / flops["dense"])])
         out["ratios"][f"{name}/batch_{batch}/fraction_{fraction}/time_vs_dense"] = _r(ratio)
@@ -528,6 +542,8 @@ def bench_export_latency(s: Settings) -> dict[str, Any]:
       "Exported with maestro_jax.export.export_functional(..., merge='auto'): factors cut to ceil(p * rank), a "
       "layer merged into one dense kernel when (d_in + d_out) r >= d_in d_out ('merged layers' column).",
       "Latency of one jitted forward call, blocked on; at batch 1 it is dominated by dispatch overhead.",
+      "'p/measured': layers merged where export.dense_by_latency timed the dense kernel at least as fast as the "
+      "factors at that rank and batch (the size rule where a layer cannot be timed).",
   ]
   return out
 

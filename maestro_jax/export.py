@@ -534,16 +534,17 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
 
 def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks: Mapping[str, int] | None = None, *,
                      timings: Mapping[str, LayerTiming] | None = None, batch_size: int = 32, repeats: int = 10,
-                     warmup: int = 2, seed: int = 0) -> list[str]:
+                     warmup: int = 2, seed: int = 0, tolerance: float = 0.05) -> list[str]:
   """The layers to deploy as one dense kernel, by measured latency on the current backend.
 
   Each factorized layer of ``model`` is timed at its export rank (factors cut to
   ``ranks[name]``, applied as the layer would run them) against its merged
   kernel (:func:`measure_layer_times` with quantum 1 and one candidate, so the
-  rank timed is the rank exported), and is merged when the dense kernel is at
-  least as fast. A layer with no timing (no ``input_shape`` given, a layer the
-  forward pass never calls, or a table without it) falls back on the size
-  rule, :func:`maestro_jax.should_merge`. So an exported model is not slower
+  rank timed is the rank exported). The faster form wins when the two times
+  differ by more than ``tolerance``; closer than that the timing cannot tell
+  them apart and the size rule, :func:`maestro_jax.should_merge`, decides. A
+  layer with no timing (no ``input_shape`` given, a layer the forward pass
+  never calls, or a table without it) takes the size rule too. So an exported model is not slower
   than its dense twin layer by layer, within timing noise, wherever a layer
   can be timed. Pass the result as ``export(..., dense=...)``; measure at the
   batch size the model will serve.
@@ -558,6 +559,7 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
     repeats: timed runs per measurement.
     warmup: untimed runs first.
     seed: seed of the random inputs.
+    tolerance: relative difference below which two times count as equal.
 
   Returns:
     Layer names to merge, in graph order.
@@ -574,9 +576,11 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
   for name, layer in modules.items():
     timing = timings.get(name)
     rank = ranks[name]
-    if timing is not None and rank in timing.times:
-      merge = timing.dense_time <= timing.times[rank]
-    else:
+    factor_time = timing.times.get(rank) if timing is not None else None
+    if factor_time is not None and abs(timing.dense_time - factor_time) > tolerance * min(timing.dense_time,
+                                                                                           factor_time):
+      merge = timing.dense_time < factor_time
+    else:  # Not timed, or too close to call: the size rule.
       merge = rules.should_merge(*kinds.matrix_dims(layer.factor_params()), rank)
     if merge:
       merged.append(name)

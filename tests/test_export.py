@@ -202,16 +202,22 @@ def test_dense_by_latency_merges_where_the_kernel_is_not_slower():
   model = _mlp()  # layers 64 -> 24 -> 16 -> 10
   ranks = {"layers.0": 4, "layers.1": 12, "layers.2": 3}
   # layers.0 is small as factors (size rule: keep) but timed slower; layers.1 is not smaller
-  # ((24 + 16) * 12 >= 24 * 16, size rule: merge) but timed faster; a tie merges.
+  # ((24 + 16) * 12 >= 24 * 16, size rule: merge) but timed faster; layers.2 is small as factors
+  # ((16 + 10) * 3 < 160) and timed 10% faster.
   table = {"layers.0": _timing("layers.0", 4, factor_s=2e-3, dense_s=1e-3),
            "layers.1": _timing("layers.1", 12, factor_s=1e-3, dense_s=2e-3),
-           "layers.2": _timing("layers.2", 3, factor_s=1e-3, dense_s=1e-3)}
-  assert not mj.should_merge(64, 24, 4) and mj.should_merge(24, 16, 12)
-  assert export.dense_by_latency(model, None, ranks, timings=table) == ["layers.0", "layers.2"]
+           "layers.2": _timing("layers.2", 3, factor_s=1e-3, dense_s=1.1e-3)}
+  assert not mj.should_merge(64, 24, 4) and mj.should_merge(24, 16, 12) and not mj.should_merge(16, 10, 3)
+  assert export.dense_by_latency(model, None, ranks, timings=table) == ["layers.0"]
+  # Times closer than the tolerance cannot be told apart: the size rule decides.
+  assert export.dense_by_latency(model, None, ranks, timings=table, tolerance=0.2) == ["layers.0"]
+  assert export.dense_by_latency(model, None, ranks, timings=table, tolerance=1.5) == ["layers.1"]
+  table["layers.0"] = _timing("layers.0", 4, factor_s=1.02e-3, dense_s=1e-3)
+  assert export.dense_by_latency(model, None, ranks, timings=table) == []
   # The list is what export() takes: those layers come out dense, the others factorized.
   forms = export.layer_forms(export.export(nnx.to_pure_dict(nnx.state(model, nnx.Param)), ranks, merge="none",
-                                           dense=["layers.0", "layers.2"]))
-  assert [forms[n]["form"] for n in ("layers.0", "layers.1", "layers.2")] == ["dense", "factorized", "dense"]
+                                           dense=["layers.0"]))
+  assert [forms[n]["form"] for n in ("layers.0", "layers.1", "layers.2")] == ["dense", "factorized", "factorized"]
 
 
 def test_dense_by_latency_falls_back_on_the_size_rule():
