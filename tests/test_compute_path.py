@@ -11,6 +11,7 @@ import maestro_jax as mj
 import maestro_jax.linen as mlinen
 import maestro_jax.nnx as mnnx
 from maestro_jax import models
+from maestro_jax._src import factorized
 from maestro_jax._src import rules
 
 TOL = 1e-5
@@ -239,3 +240,27 @@ def test_linen_layers_pass_compute_path_to_the_core():
   variables = factors.init(jax.random.key(0), x)
   assert _max_diff(factors.apply(variables, x), kernel.apply(variables, x)) <= TOL
   assert isinstance(factors, nn.Module)
+
+
+def test_compute_path_scope_overrides_auto_layers_while_tracing():
+  params = mj.factorize_kernel(_randn(0, (3, 3, 4, 4)))
+  images, keep = _randn(1, (8, 16, 16, 4)), jnp.int32(3)
+  conv = lambda path: (lambda p, x, k: mj.conv(p, x, k, compute_path=path))
+
+  def scoped(p, x, k):
+    with factorized.compute_path_scope("factors"):
+      return mj.conv(p, x, k)
+
+  assert _jaxpr(scoped, params, images, keep) == _jaxpr(conv("factors"), params, images, keep)
+  # Outside the scope the rule applies again (here: the kernel), and a layer's own path is kept inside it.
+  assert _jaxpr(conv("auto"), params, images, keep) == _jaxpr(conv("kernel"), params, images, keep)
+  with factorized.compute_path_scope("factors"):
+    inner = _jaxpr(conv("kernel"), params, images, keep)
+  assert inner == _jaxpr(conv("kernel"), params, images, keep)
+  with pytest.raises(ValueError, match="compute_path"):
+    with factorized.compute_path_scope("fast"):
+      pass
+  # Under vmap over keep counts the scoped sweep equals the unscoped one.
+  keeps = jnp.arange(1, 5, dtype=jnp.int32)
+  sweep = jax.vmap(lambda k: scoped(params, images, k))(keeps)
+  assert _max_diff(sweep, jax.vmap(lambda k: mj.conv(params, images, k))(keeps)) <= TOL
