@@ -57,7 +57,7 @@ def _full_validation_loss(run, keeps=None, params=None) -> float:
                            run.state["model_state"], batches, keeps)["loss"]
 
 
-def test_run_trains_shrinks_and_reports_nats_bits_and_perplexity(workdir, corpus):
+def test_run_trains_shrinks_and_reports_nats_bits_and_perplexity(workdir, tmp_path):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [6, 12]
   for r in records:
@@ -66,7 +66,10 @@ def test_run_trains_shrinks_and_reports_nats_bits_and_perplexity(workdir, corpus
   summary = json.loads((workdir / "summary.json").read_text())
   run = train_lib.load_run(workdir)
   vocab = text.CharVocab.load(workdir / "vocab.json")
-  assert vocab == run.sources.vocab and "\n" in vocab.chars  # saved with the run, read back by load_run
+  assert vocab == run.sources.vocab and "\n" in vocab.chars  # saved with the run
+  (tmp_path / "copy").mkdir()
+  (tmp_path / "copy" / "vocab.json").write_text(text.CharVocab(vocab.chars + ("~",)).to_json())
+  assert train_lib.load_sources(run.config, tmp_path / "copy").vocab.chars[-1] == "~"  # a saved one is read back
   assert summary["validation_loss"] < math.log(vocab.size) - 0.5  # well below a uniform guess
   # The epochs scored 4 windows; the summary is the whole held-out text.
   assert summary["validation_loss"] == pytest.approx(_full_validation_loss(run), abs=1e-6)
