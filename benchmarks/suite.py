@@ -590,12 +590,16 @@ def bench_freezing(s: Settings) -> dict[str, Any]:
 @contextlib.contextmanager
 def _patched_data(train_src, test_src):
   from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
-  load = train_lib.load_data
-  train_lib.load_data = lambda config: (train_src, test_src)
+  from maestro_train import tasks  # pylint: disable=import-outside-toplevel
+  load, load_sources = train_lib.load_data, train_lib.load_sources
+  factory_args = {"num_classes": int(train_src.num_classes),
+                  "image_shape": tuple(int(d) for d in train_src.image_shape)}
+  train_lib.load_data = lambda config, workdir=None: (train_src, test_src)
+  train_lib.load_sources = lambda config, workdir=None: tasks.Sources(train_src, test_src, test_src, factory_args)
   try:
     yield
   finally:
-    train_lib.load_data = load
+    train_lib.load_data, train_lib.load_sources = load, load_sources
 
 
 def _mnist_sources(train_n: int | None, test_n: int | None):
