@@ -10,6 +10,11 @@ component ``k`` is ``A[..., k]`` with ``B[k]``.
 Every apply takes a keep count: the number of leading components used. A Python
 int slices the factors (cheapest, shape-static); a traced int32 scalar masks the
 rank axis, so changing it never recompiles.
+
+Every apply runs on one of two paths with the same function and gradients: the
+factors (``x @ A``, mask, ``@ B``) or the kernel ``A diag(mask) B`` formed once
+and applied as one matmul or convolution. ``compute_path='auto'`` picks the
+cheaper from static shapes (:func:`maestro_jax._src.rules.choose_compute_path`).
 """
 
 from __future__ import annotations
