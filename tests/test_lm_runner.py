@@ -81,10 +81,9 @@ def test_run_trains_shrinks_and_reports_nats_bits_and_perplexity(workdir, tmp_pa
   assert "nats/char" in (workdir / "summary.txt").read_text()
 
 
-def test_resume_after_a_crash_is_bit_identical(corpus, tmp_path, monkeypatch):
+def test_resume_after_a_crash_is_bit_identical(workdir, corpus, tmp_path, monkeypatch):
   config = lm_config(corpus)
-  reference = tmp_path / "reference"
-  train_lib.train_and_evaluate(config, reference, progress=False)
+  reference = workdir  # the same config, run without interruption
 
   make = training.make_train_step
 
@@ -137,10 +136,9 @@ def test_export_for_a_budget_loads_back_and_generates_deterministically(workdir,
           "--sample", "40", "--prompt", "The ", "--temperature", "0.8"]
   first = deploy.export_cli(base + ["--budget-macs", str(budget), "--out", str(tmp_path / "a"), "--seed", "3"])
   again = deploy.export_cli(base + ["--budget-macs", str(budget), "--out", str(tmp_path / "b"), "--seed", "3"])
-  other = deploy.export_cli(base + ["--budget-macs", str(budget), "--out", str(tmp_path / "c"), "--seed", "4"])
   assert first["after"]["macs"] <= budget < first["before"]["macs"]
   assert len(first["sample"]["text"]) == 40 and set(first["sample"]["text"]) <= set(run.sources.vocab.chars) | {"\ufffd"}
-  assert first["sample"]["text"] == again["sample"]["text"] != other["sample"]["text"]
+  assert first["sample"]["text"] == again["sample"]["text"]
   assert "The " + first["sample"]["text"] in (tmp_path / "a" / "report.md").read_text()
 
   model, params, state, report = deploy.load_model(tmp_path / "a")
@@ -148,8 +146,9 @@ def test_export_for_a_budget_loads_back_and_generates_deterministically(workdir,
   loss = training.evaluate(training.make_eval_step(model), params, state, batches)["loss"]
   assert abs(loss - report["after"]["loss"]) <= 1e-5
   vocab = text.CharVocab.load(tmp_path / "a" / "model" / "vocab.json")
-  sample = deploy.sample_text(model, params, state, vocab, "The ", 40, seed=3, temperature=0.8, max_len=16)
-  assert sample == first["sample"]["text"]
+  sample = lambda seed: deploy.sample_text(model, params, state, vocab, "The ", 40, seed=seed, temperature=0.8,
+                                           max_len=16)
+  assert sample(3) == first["sample"]["text"] != sample(4)
 
 
 def test_language_model_errors_are_one_line(workdir, corpus, tmp_path):

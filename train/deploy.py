@@ -85,9 +85,12 @@ def _calibration_images(run, count: int) -> np.ndarray | None:
   return run.task.calibration_inputs(run.sources, run.config, count)
 
 
-def _test_batches(run, batch_size: int) -> Callable:
-  """Batches of the held-out source every epoch was scored on (test images; a language model's validation text)."""
-  return lambda: run.task.eval_batches(run.sources.evaluation, run.config, batch_size)
+def _test_batches(run, batch_size: int, max_windows: int | None = None) -> Callable:
+  """Batches of the held-out source every epoch was scored on (test images; a language model's validation text).
+
+  ``max_windows``: a language model's first windows only (a quicker estimate).
+  """
+  return lambda: run.task.eval_batches(run.sources.evaluation, run.config, batch_size, max_windows=max_windows)
 
 
 def _is_lm(run) -> bool:
@@ -224,6 +227,8 @@ def format_sweep_table(families: Mapping[str, Mapping[str, Any]], dense: Mapping
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
   """The work of ``maestro-sweep``; returns what it writes to ``sweep.json``."""
   fractions = _parse_fractions(args.fractions)
+  if args.max_windows is not None and args.max_windows < 1:
+    raise DeployError(f"--max-windows must be >= 1, got {args.max_windows}")
   run = _load_run(args.checkpoint)
   lm = _is_lm(run)
   dense_run = _load_run(args.dense_checkpoint, "dense checkpoint") if args.dense_checkpoint else None
@@ -240,7 +245,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
   out = Path(args.out or Path(args.checkpoint) / "sweep")
   out.mkdir(parents=True, exist_ok=True)
   batch_size = args.batch_size or run.config.eval_batch_size
-  batches = _test_batches(run, batch_size)
+  if args.max_windows is not None and not lm:
+    raise DeployError("--max-windows is for language_modeling runs")
+  batches = _test_batches(run, batch_size, args.max_windows)
   recal = run.config.recalibrate_batches if args.recalibrate_batches is None else args.recalibrate_batches
   calib = _calibration_images(run, recal)
   params, model_state, ranks = run.state["params"], run.state["model_state"], run.ranks
@@ -283,6 +290,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "split": run.task.eval_split, "ranks": ranks,
             "capacities": maestro_jax.capacities(params), "batch_size": batch_size,
             "macs_per": "token" if lm else "example",
+            "max_windows": args.max_windows,
             "recalibrate_batches": recal if calib is not None else 0, "families": families, "dense": dense}
   table = format_sweep_table(families, dense, lm)
   print(table)
@@ -303,6 +311,7 @@ def sweep_parser() -> argparse.ArgumentParser:
                                             "accuracy and post-hoc SVD of the dense weights")
   p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's eval_batch_size)")
   p.add_argument("--chunk-size", type=int, help="evaluate configurations in chunks of this size (less memory)")
+  p.add_argument("--max-windows", type=int, help="language models: score only the first N validation windows")
   p.add_argument("--recalibrate-batches", type=int,
                  help="training batches for per-configuration BatchNorm recalibration (default: the run's)")
   p.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -104,9 +104,10 @@ class Classification:
     return data_lib.batches(sources.train, config.batch_size, seed=config.seed, epoch=epoch,
                             start_batch=start_batch, train=True)
 
-  def eval_batches(self, source, config, batch_size: int, *, periodic: bool = False) -> Iterator[dict]:
-    """Every example of ``source``, padded and masked (``periodic`` changes nothing here)."""
-    del config, periodic
+  def eval_batches(self, source, config, batch_size: int, *, periodic: bool = False,
+                   max_windows: int | None = None) -> Iterator[dict]:
+    """Every example of ``source``, padded and masked (``periodic`` and ``max_windows`` are for text)."""
+    del config, periodic, max_windows
     from maestro_jax import data as data_lib
     return data_lib.batches(source, batch_size, train=False)
 
@@ -218,10 +219,12 @@ class LanguageModeling:
     # Only the configured number of steps: the stream itself is endless.
     return (self.as_batch(w) for _, w in zip(range(steps - start_batch), stream))
 
-  def eval_batches(self, source, config, batch_size: int, *, periodic: bool = False) -> Iterator[dict]:
-    """Every target of ``source`` scored once; with ``periodic``, only the first ``eval_max_windows`` windows."""
+  def eval_batches(self, source, config, batch_size: int, *, periodic: bool = False,
+                   max_windows: int | None = None) -> Iterator[dict]:
+    """Every target of ``source`` scored once; only the first ``max_windows`` windows when given, or with
+    ``periodic`` the first ``config.eval_max_windows``."""
     from maestro_jax import text
-    limit = config.eval_max_windows if periodic and config.eval_max_windows else None
+    limit = max_windows or (config.eval_max_windows if periodic and config.eval_max_windows else None)
     return (self.as_batch(w) for w in text.eval_batches(source, batch_size, config.seq_len, max_windows=limit))
 
   def calibration_inputs(self, sources: Sources, config, count: int) -> np.ndarray:

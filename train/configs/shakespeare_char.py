@@ -14,6 +14,6 @@ def get_config() -> Config:
   return Config(task="language_modeling", dataset="shakespeare", model="transformer_lm",
                 model_kwargs={"d_model": 128, "num_heads": 4, "num_layers": 4, "mlp_dim": 512},
                 seq_len=64, batch_size=16, eval_batch_size=64, steps_per_epoch=250, epochs=8, eval_max_windows=400,
-                optimizer="adamw", learning_rate=2e-3, weight_decay=0.0, schedule="cosine",
+                optimizer="adamw", learning_rate=1e-3, weight_decay=0.0, schedule="cosine",
                 sampler="single_layer", lasso=1e-5, shrink_threshold=1e-2, rank_quantum=8,
                 recalibrate_batches=0, checkpoint_every_steps=250, log_every_steps=25)
