@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 MODULES = ("maestro_jax", "maestro_jax.samplers", "maestro_jax.nnx", "maestro_jax.linen", "maestro_jax.functional",
-           "maestro_jax.training", "maestro_jax.batch_norm", "maestro_jax.models", "maestro_jax.data",
+           "maestro_jax.training", "maestro_jax.sharding", "maestro_jax.batch_norm", "maestro_jax.models", "maestro_jax.data",
            "maestro_jax.sweep", "maestro_jax.export", "maestro_jax.accounting")
 OUT = Path(__file__).with_name("API.md")
 
