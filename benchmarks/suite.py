@@ -17,7 +17,7 @@
 6. ``freezing``: the train step with factor ``a`` (or ``b``) of every layer
    frozen against no freezing.
 7. ``end_to_end``: LeNet/MNIST epochs with the real runner (full mode); set
-   beside the PyTorch reference figure from DESIGN.md (not re-measured).
+   beside the official PyTorch code's reference figure on a 2-core CPU (not re-measured).
 
 ``python -m benchmarks`` runs the full suite; ``--small`` a quick version for
 CI (same code, smaller shapes and fewer repeats).
@@ -370,7 +370,7 @@ def _eval_arrays(n: int) -> tuple[np.ndarray, np.ndarray, str]:
   if idx_dir is not None:
     source = data_lib.load("mnist", "test", idx_dir=idx_dir)
     images, labels = source.take(np.arange(min(n, len(source))))
-    return images, labels, f"MNIST test set, first {len(labels)} images ({idx_dir})"
+    return images, labels, f"MNIST test set, first {len(labels)} images (IDX files in shared/data/{Path(idx_dir).name})"
   rng = np.random.default_rng(0)
   return (rng.integers(0, 256, size=(n, *MNIST_SHAPE), dtype=np.uint8), rng.integers(0, 10, size=n).astype(np.int32),
           f"synthetic MNIST-shaped data, {n} images (no offline MNIST found)")
@@ -607,7 +607,7 @@ def _mnist_sources(train_n: int | None, test_n: int | None):
   idx_dir = data_lib.default_idx_dir("mnist")
   if idx_dir is not None:
     sources = [data_lib.load("mnist", split, idx_dir=idx_dir) for split in ("train", "test")]
-    described = f"MNIST from {idx_dir}"
+    described = f"MNIST from the IDX files in shared/data/{Path(idx_dir).name}"
   else:
     rng = np.random.default_rng(0)
     sources = [data_lib.Source.from_arrays(rng.integers(0, 256, size=(n, *MNIST_SHAPE), dtype=np.uint8),
@@ -625,7 +625,7 @@ def _mnist_sources(train_n: int | None, test_n: int | None):
   return out[0], out[1], described
 
 
-# The setting of DESIGN.md's PyTorch reference row (2 epochs, lr 0.01, batch 128, lambda 1e-6; the paper's sampler).
+# The setting of the official PyTorch code's reference row (2 epochs, lr 0.01, batch 128, lambda 1e-6; the paper's sampler).
 REFERENCE_OVERRIDES = {"sampler": "single_layer", "loss": "maestro", "learning_rate": 0.01, "schedule": "constant",
                        "lasso": 1e-6}
 
@@ -648,7 +648,7 @@ def bench_end_to_end(s: Settings) -> dict[str, Any]:
   from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
   out = _section("End to end: LeNet-5 on MNIST with the real runner (train_and_evaluate)",
                  f"official PyTorch code on a 2-core CPU: {PYTORCH_REFERENCE_2_EPOCHS_S:.0f} s for 2 epochs "
-                 "(DESIGN.md section 5; not re-measured here)",
+                 "(the project's reference measurement; not re-measured here)",
                  ["run", "epoch", "steps", "train-loop s", "test accuracy", "ranks"])
   if s.e2e_full:
     train_src, test_src, described = _mnist_sources(None, None)
@@ -688,11 +688,11 @@ def bench_end_to_end(s: Settings) -> dict[str, Any]:
         f"loading, compilation, evaluation, checkpoints and plots; train loops alone {train_loop:.1f} s (epoch 1 "
         f"includes the step's compilation); final test accuracy {100 * summary['test_accuracy']:.2f}%.")
   out["notes"] += [
-      f"Data: {described}. The reference row of DESIGN.md used the paper's sampler and loss (single_layer, "
+      f"Data: {described}. The official code's reference row used the paper's sampler and loss (single_layer, "
       "maestro), lr 0.01 constant and lambda 1e-6, reaching 97.4% after 2 epochs; 'reference_setting' runs that "
       "setting (full mode only), 'mnist_lenet' the repository's current config.",
       f"The PyTorch figures ({PYTORCH_REFERENCE_2_EPOCHS_S:.0f} s for 2 epochs, {PYTORCH_REFERENCE_10_EPOCHS_S:.0f} s "
-      "for 10 epochs at 98.6%) are the reference given in DESIGN.md, not re-measured on this machine.",
+      "for 10 epochs at 98.6%) are the project's reference measurement of the official code, not re-measured here.",
   ]
   return out
 
