@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from flax import nnx
 
 from maestro_jax import nnx as mnnx
 from maestro_jax._src import kinds
+from maestro_jax._src import recording
 from maestro_jax._src import rules
 from maestro_jax._src import tree
 
@@ -262,9 +262,6 @@ def count(params_or_model: Any, keeps: Mapping[str, Any] | None = None,
 
 # ------------------------------------------------------------------------------------------ positions
 
-_RECORDERS: list[dict[int, list[int]]] = []
-_RECORDING_CLASSES: dict[type, type] = {}
-
 
 def _out_features(module: nnx.Module) -> int:
   if isinstance(module, mnnx.FactorizedModule):
@@ -272,21 +269,6 @@ def _out_features(module: nnx.Module) -> int:
   if isinstance(module, nnx.LinearGeneral):
     return _size(module.out_features)
   return int(module.out_features)
-
-
-def _recording_class(cls: type) -> type:
-  """A subclass of ``cls`` whose calls record their number of output vectors."""
-  if cls not in _RECORDING_CLASSES:
-
-    def __call__(self, *args, **kwargs):
-      out = cls.__call__(self, *args, **kwargs)
-      if _RECORDERS:
-        _RECORDERS[-1].setdefault(id(self), []).append(_size(out.shape) // _out_features(self))
-      return out
-
-    _RECORDING_CLASSES[cls] = types.new_class(cls.__name__, (cls,), exec_body=lambda ns: ns.update(
-        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}))
-  return _RECORDING_CLASSES[cls]
 
 
 _WEIGHT_LAYERS = (mnnx.FactorizedModule, nnx.Linear, nnx.LinearGeneral, nnx.Conv)
@@ -314,30 +296,15 @@ def layer_positions(model: nnx.Module, input_shape: Sequence[int], *, dtype=jnp.
     ``{layer name: positions}`` for every factorized layer and every
     ``nnx.Linear``/``nnx.LinearGeneral``/``nnx.Conv`` (the names :func:`count` uses).
   """
-  apply = apply or (lambda m, x: m(x))
   graphdef, state = nnx.split(model)
-  names: dict[str, int] = {}
-
-  def run(state, x):
-    copy = nnx.merge(graphdef, state, copy=True)
-    ids = {}
-    for path, module in list(mnnx.iter_modules(copy)):
-      if path and isinstance(module, _WEIGHT_LAYERS):
-        module.__class__ = _recording_class(type(module))
-        ids[id(module)] = tree.path_name(path)
-    recorder: dict[int, list[int]] = {}
-    _RECORDERS.append(recorder)
-    try:
-      apply(copy, x)
-    finally:
-      _RECORDERS.pop()
-    for module_id, name in ids.items():
-      names[name] = sum(recorder.get(module_id, []))
-    return None
-
-  x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype)
-  jax.eval_shape(run, state, x)
-  return names
+  calls = recording.record_calls(
+      lambda s: nnx.merge(graphdef, s, copy=True), state,
+      jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype),
+      layers=lambda m: {tree.path_name(path): module for path, module in mnnx.iter_modules(m)
+                        if path and isinstance(module, _WEIGHT_LAYERS)},
+      observe=lambda module, x, out: _size(out.shape) // _out_features(module),
+      apply=apply or (lambda m, x: m(x)))
+  return {name: sum(positions) for name, positions in calls.items()}
 
 
 # --------------------------------------------------------------------------------------------- table

@@ -1,19 +1,21 @@
 """Deployment: slice a trained model to chosen ranks, merge layers that are not smaller, save and load it.
 
 :func:`export` works on plain parameter trees: every factorized layer is cut to
-its rank (:func:`maestro_jax.truncate`), and a layer whose factorized form is
+its rank (:func:`maestro_jax.truncate_layer`), and a layer whose factorized form is
 not smaller than its kernel, ``(d_in + d_out) r >= d_in d_out`` (``d_in = kh *
 kw * c_in`` for a convolution), is merged into one dense kernel
-``{'kernel': A[..., :r] @ B[:r] (kernel shape), 'bias'?}`` (:func:`maestro_jax.merge`).
+``{'kernel': A[..., :r] @ B[:r] (kernel shape), 'bias'?}`` (:func:`maestro_jax.merge_layer`).
 The functional core (:func:`maestro_jax.dense`, :func:`maestro_jax.conv`),
 the NNX layers (``layer.merge()``) and the Linen layers (a ``kernel`` param)
 all run the merged form, so the exported model is the same model:
 :func:`export_module` and :func:`module_from_exported` put exported params into
 an NNX model, :func:`export_functional` does it for a
-:class:`maestro_jax.training.FunctionalModel`.
+:class:`maestro_jax.functional.FunctionalModel` or ``LinenModel``.
 
 :func:`save_exported` / :func:`load_exported` store exported params and model
-state with Orbax plus a JSON report.
+state with Orbax plus a JSON report; the format itself is defined in
+``maestro_jax/_src/export_format.py`` (with :func:`layer_forms` and
+:func:`json_default`) and re-exported here.
 
 Rank quantization (Hajimolahoseini et al.): :func:`quantize_ranks` snaps ranks
 up to a hardware-friendly multiple (8 on GPU, 128 on TPU);
@@ -27,24 +29,23 @@ kernel is at least as fast; the size rule where nothing could be timed).
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
-import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+import orbax.checkpoint as ocp  # noqa: F401  (tests reach the save format's Orbax checkpointer as export.ocp)
 from flax import nnx
 
 from maestro_jax import nnx as mnnx
 from maestro_jax import functional
+from maestro_jax._src import export_format
 from maestro_jax._src import factorized as core
 from maestro_jax._src import kinds
+from maestro_jax._src import recording
 from maestro_jax._src import rules
 from maestro_jax._src import shrink as shrink_lib
 from maestro_jax._src import tree
@@ -55,9 +56,13 @@ __all__ = ["MERGE_MODES", "should_merge", "export", "layer_forms", "export_modul
 
 PyTree = Any
 MERGE_MODES = ("auto", "all", "none")
-_FORMAT = "maestro_jax.export/1"
 
 should_merge = rules.should_merge
+# The save format lives in its own module (files on disk depend on it); these are its public names.
+save_exported = export_format.save_exported
+load_exported = export_format.load_exported
+layer_forms = export_format.layer_forms
+json_default = export_format.json_default
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -106,28 +111,6 @@ def export(params: PyTree, ranks: Mapping[str, int] | None = None, *, merge: str
     return core.truncate_layer(layer, ranks[name])
 
   return tree.map_layers(one, params)
-
-
-def layer_forms(params: PyTree) -> dict[str, dict[str, Any]]:
-  """How each weight layer of an exported tree is stored.
-
-  Returns:
-    ``{layer name: {'form': 'factorized', 'rank': r}}`` for factor pairs and
-    ``{'form': 'dense', 'kernel_shape': [...]}`` for merged (or plain) kernels.
-  """
-  out: dict[str, dict[str, Any]] = {}
-
-  def walk(node, path):
-    if tree.is_factorized(node):
-      out[tree.path_name(path)] = {"form": "factorized", "rank": int(node["a"].shape[-1])}
-    elif isinstance(node, Mapping) and "kernel" in node and hasattr(node["kernel"], "shape"):
-      out[tree.path_name(path)] = {"form": "dense", "kernel_shape": [int(d) for d in node["kernel"].shape]}
-    elif isinstance(node, Mapping):
-      for key, child in node.items():
-        walk(child, path + (key,))
-
-  walk(params, ())
-  return out
 
 
 def _factorized_modules(model: nnx.Module) -> list[tuple[tuple, mnnx.FactorizedModule]]:
@@ -207,152 +190,6 @@ def export_functional(model: functional.FunctionalModel | functional.LinenModel,
   return functional.FunctionalModel.from_module(module)
 
 
-# ------------------------------------------------------------------------------------------ save / load
-
-
-def _flatten(tree_: PyTree) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """Leaves under safe keys ``leaf_00000, ...`` plus a spec that rebuilds the nested dicts (int keys kept)."""
-  flat, spec = {}, []
-
-  def walk(node, path):
-    if isinstance(node, Mapping):
-      for key, child in node.items():
-        if not isinstance(key, (str, int)):
-          raise TypeError(f"cannot save a dict key of type {type(key).__name__} at {list(path)}")
-        walk(child, path + [key])
-    elif node is None:
-      return
-    else:
-      key = f"leaf_{len(spec):05d}"
-      array = np.asarray(jax.device_get(node))
-      flat[key] = array
-      spec.append({"key": key, "path": path, "shape": list(array.shape), "dtype": array.dtype.name})
-
-  walk(tree_, [])
-  return flat, spec
-
-
-def _unflatten(flat: Mapping[str, Any], spec: Sequence[Mapping[str, Any]], skeleton: Mapping) -> dict:
-  out = json.loads(json.dumps(skeleton))  # the empty dicts (e.g. no model state) survive
-
-  def rebuild(node):
-    return {int(k[4:]) if k.startswith("int:") else k[4:]: rebuild(v) for k, v in node.items()} \
-        if isinstance(node, dict) else node
-
-  out = rebuild(out)
-  for entry in spec:
-    node = out
-    for key in entry["path"][:-1]:
-      node = node.setdefault(key, {})
-    node[entry["path"][-1]] = flat[entry["key"]]
-  return out
-
-
-def _skeleton(tree_: PyTree) -> Any:
-  """The dict structure without leaves; keys tagged ``int:``/``str:`` so JSON keeps their type."""
-  if isinstance(tree_, Mapping):
-    return {f"{'int' if isinstance(k, int) else 'str'}:{k}": _skeleton(v) for k, v in tree_.items()
-            if isinstance(v, Mapping)}
-  return None
-
-
-def json_default(value: Any) -> Any:
-  """``json.dumps(..., default=json_default)`` for numpy/JAX scalars and arrays, paths and dataclasses."""
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, (np.floating,)):
-    return float(value)
-  if isinstance(value, (np.bool_,)):
-    return bool(value)
-  if isinstance(value, (np.ndarray, jax.Array)):
-    return np.asarray(value).tolist()
-  if isinstance(value, Path):
-    return str(value)
-  if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return dataclasses.asdict(value)
-  raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def save_exported(path: str | Path, params: PyTree, model_state: PyTree | None = None,
-                  report: Mapping[str, Any] | None = None) -> Path:
-  """Saves exported params and model state with Orbax, and ``report`` as JSON.
-
-  Layout: ``path/arrays`` (an Orbax ``StandardCheckpointer`` checkpoint of the
-  leaves) and ``path/exported.json`` (the tree structure, with its integer keys,
-  shapes, dtypes, layer forms and ``report``). Zero-size leaves (a layer at rank
-  0 is its bias alone) are described in ``exported.json`` only.
-
-  The export is written to a temporary folder beside ``path`` and renamed into
-  place, so a failed save leaves an earlier export at ``path`` as it was.
-
-  Returns:
-    ``path`` as an absolute ``Path``.
-
-  Raises:
-    FileExistsError: ``path`` is a non-empty folder that holds no export (it is never replaced).
-  """
-  import shutil  # Local imports keep this function's atomic replace self-contained.
-  import uuid
-
-  path = Path(path).absolute()
-  if path.exists() and not (path / "exported.json").exists() and (not path.is_dir() or any(path.iterdir())):
-    raise FileExistsError(f"{path} exists and holds no exported model; not replacing it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  full = {"params": params, "model_state": model_state or {}}
-  flat, spec = _flatten(full)
-  stored = {k: v for k, v in flat.items() if v.size}  # Orbax cannot save zero-size arrays.
-  meta = {"format": _FORMAT, "leaves": spec, "skeleton": _skeleton(full), "layers": layer_forms(params),
-          "report": dict(report or {})}
-  staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-  staging.mkdir()
-  try:
-    if stored:
-      checkpointer = ocp.StandardCheckpointer()
-      try:
-        checkpointer.save(staging / "arrays", stored)
-        checkpointer.wait_until_finished()
-      finally:
-        checkpointer.close()
-    (staging / "exported.json").write_text(json.dumps(meta, indent=2, default=json_default))
-    if path.exists():
-      previous = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-      path.rename(previous)
-      staging.rename(path)
-      shutil.rmtree(previous)
-    else:
-      staging.rename(path)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return path
-
-
-def load_exported(path: str | Path) -> tuple[dict, dict, dict]:
-  """Loads what :func:`save_exported` wrote: ``(params, model_state, report)`` (arrays as ``jax.Array``).
-
-  Raises:
-    FileNotFoundError: ``path`` holds no export.
-  """
-  path = Path(path).absolute()
-  meta_path = path / "exported.json"
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{path} holds no exported model (no exported.json)")
-  meta = json.loads(meta_path.read_text())
-  if meta.get("format") != _FORMAT:
-    raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-  shapes = {e["key"]: jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(e["dtype"])) for e in meta["leaves"]}
-  abstract = {k: v for k, v in shapes.items() if int(np.prod(v.shape))}
-  flat: dict = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if k not in abstract}
-  if abstract:
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-      flat.update(checkpointer.restore(path / "arrays", abstract))
-    finally:
-      checkpointer.close()
-  full = _unflatten(flat, meta["leaves"], meta["skeleton"])
-  return full["params"], full.get("model_state", {}), meta["report"]
-
-
 # ----------------------------------------------------------------------------------- rank quantization
 
 
@@ -391,18 +228,6 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: int =
   return float(statistics.median(times))
 
 
-_RECORDING: dict[type, type] = {}
-
-
-def _recording(cls: type, seen: dict[int, tuple[int, ...]]) -> type:
-  def __call__(self, x, *args, **kwargs):
-    seen.setdefault(id(self), tuple(int(d) for d in x.shape[1:]))
-    return cls.__call__(self, x, *args, **kwargs)
-
-  return types.new_class(cls.__name__, (cls,), exec_body=lambda ns: ns.update(
-      {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}))
-
-
 def layer_inputs(model: nnx.Module, input_shape: Sequence[int], *, dtype=jnp.float32,
                  apply: Callable[[nnx.Module, jax.Array], Any] | None = None) -> dict[str, tuple[int, ...]]:
   """The input shape (without the batch axis) of every factorized layer's first call, by abstract tracing.
@@ -412,26 +237,18 @@ def layer_inputs(model: nnx.Module, input_shape: Sequence[int], *, dtype=jnp.flo
     input_shape: one example's shape, e.g. ``(28, 28, 1)``.
     dtype: input dtype.
     apply: ``apply(model, x)``; by default ``model(x)``.
+
+  Returns:
+    ``{layer name: input shape}`` for every factorized layer the forward pass calls.
   """
-  apply = apply or (lambda m, x: m(x))
   graphdef, state = nnx.split(model)
-  found: dict[str, tuple[int, ...]] = {}
-
-  def run(state, x):
-    copy = nnx.merge(graphdef, state, copy=True)
-    seen: dict[int, tuple[int, ...]] = {}
-    ids = {}
-    for path, module in _factorized_modules(copy):
-      module.__class__ = _recording(type(module), seen)
-      ids[id(module)] = tree.path_name(path)
-    apply(copy, x)
-    for module_id, name in ids.items():
-      if module_id in seen:
-        found[name] = seen[module_id]
-    return None
-
-  jax.eval_shape(run, state, jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype))
-  return found
+  calls = recording.record_calls(
+      lambda s: nnx.merge(graphdef, s, copy=True), state,
+      jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype),
+      layers=lambda m: {tree.path_name(path): layer for path, layer in _factorized_modules(m)},
+      observe=lambda layer, x, out: tuple(int(d) for d in x.shape[1:]),
+      apply=apply or (lambda m, x: m(x)))
+  return {name: shapes[0] for name, shapes in calls.items() if shapes}
 
 
 @dataclasses.dataclass(frozen=True)

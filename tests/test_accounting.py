@@ -189,3 +189,33 @@ def test_format_table(lenet):
   as_dict = report.to_dict()
   assert as_dict["totals"]["macs_dense"] == 281_640 and as_dict["layers"][2]["keep"] == 10
   np.testing.assert_equal(as_dict["totals"], report.totals)
+
+
+def test_one_recorder_serves_positions_and_inputs():
+  """Positions (accounting) and input shapes (export) come from the same recorder: a tied layer called twice
+  sums its positions and reports its first input; the caller's model keeps its classes."""
+  from maestro_jax import export
+  from maestro_jax._src import recording
+
+  class Tied(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = mnnx.Linear(4, 4, rngs=rngs)
+      self.again = self.fc  # the same layer reached by two paths: one layer, two calls
+      self.out = mnnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.again(self.fc(x)).mean(axis=1))
+
+  model = Tied(nnx.Rngs(0))
+  tied = next(name for name in mnnx.capacities(model) if name != "out")  # Flax names a shared layer by one path
+  assert accounting.layer_positions(model, (3, 4)) == {tied: 6, "out": 1}
+  assert export.layer_inputs(model, (3, 4)) == {tied: (3, 4), "out": (4,)}
+  assert type(model.fc) is mnnx.Linear and type(model.out) is mnnx.Linear
+
+  # Nested recordings each see only their own layers; classes come back after each block.
+  with recording.recording({"fc": model.fc}, lambda layer, x, out: "outer") as outer:
+    with recording.recording({"out": model.out}, lambda layer, x, out: x.shape) as inner:
+      model(jnp.ones((1, 3, 4)))
+    assert type(model.out) is mnnx.Linear
+  assert outer == {"fc": ["outer", "outer"]} and inner == {"out": [(1, 4)]}
+  assert type(model.fc) is mnnx.Linear
