@@ -45,6 +45,7 @@ class Config:
   data_dir: str | None = None          # tfds data dir
   idx_dir: str | None = None           # folder of original MNIST-format IDX files ('auto': look beside the repo)
   download: bool = False               # let tfds download a missing dataset
+  augment: bool = False                # training batches: random crop (zero padding 4) and horizontal flip
   model: str = "mlp"                   # a zoo name, or a factory 'package.module:factory' (NNX or Linen)
   model_kwargs: dict = dataclasses.field(default_factory=dict)
   python_path: tuple = ()              # folders to import a model factory from (a config file adds its own)

@@ -40,8 +40,9 @@ Batching
   every global batch and reads only those examples. A final partial batch (when
   ``drop_remainder`` is off, the default for evaluation) is padded to full size
   with ``mask == False`` and ``index == -1``, keeping shapes static for ``jit``.
-  CIFAR training batches get a random 32x32 crop of the image zero-padded by 4
-  pixels and a random horizontal flip, drawn from
+  With ``augment=True`` (the runner's CIFAR configs set ``augment``) a batch
+  gets a random crop of the image zero-padded by 4 pixels, at the image's
+  size, and a random horizontal flip, drawn from
   ``np.random.default_rng((seed, epoch, batch, 1))`` for the whole global batch
   so that the result does not depend on ``process_count``.
 """
@@ -64,7 +65,6 @@ from maestro_jax.data.sources import TFDS_DATASETS
 from maestro_jax.data.sources import IDX_DATASETS
 from maestro_jax.data.sources import DATASETS
 from maestro_jax.data.sources import SPLITS
-from maestro_jax.data.sources import CIFAR_DATASETS
 from maestro_jax.data.sources import Source
 from maestro_jax.data.sources import pixel_stats
 from maestro_jax.data.sources import load
@@ -78,7 +78,6 @@ __all__ = [
     "IDX_DATASETS",
     "DATASETS",
     "SPLITS",
-    "CIFAR_DATASETS",
     "Source",
     "pixel_stats",
     "load",

@@ -1,4 +1,4 @@
-"""Seeded, resumable, process-sharded batching and CIFAR-style augmentation (see maestro_jax.data)."""
+"""Seeded, resumable, process-sharded batching and random crop-and-flip augmentation (see maestro_jax.data)."""
 
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from maestro_jax.data.sources import CIFAR_DATASETS
 from maestro_jax.data.sources import Source
 
 
@@ -89,7 +88,7 @@ def batches(
     train: bool = True,
     shuffle: bool | None = None,
     drop_remainder: bool | None = None,
-    augment: bool | None = None,
+    augment: bool = False,
     padding: int = 4,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -102,12 +101,15 @@ def batches(
     seed: non-negative seed of the shuffle and the augmentation.
     epoch: non-negative epoch number; each epoch has its own order.
     start_batch: the first global batch to yield (to resume mid-epoch).
-    train: picks the defaults below: shuffled, remainder dropped, CIFAR
-      augmentation for training; in order, padded, unaugmented otherwise.
+    train: picks the defaults below: shuffled and remainder dropped for
+      training; in order and padded otherwise.
     shuffle: permute the examples (default: ``train``).
     drop_remainder: drop a final partial batch instead of padding it (default:
       ``train``).
-    augment: random crop and flip (default: ``train`` and a CIFAR dataset).
+    augment: a random crop of the image zero-padded by ``padding`` and a
+      random horizontal flip. Off unless asked for: whether a dataset is
+      augmented is the caller's choice (the runner's config), not a property
+      of its name.
     padding: the zero padding of the random crop.
     process_index: this process (default: ``jax.process_index()``).
     process_count: the number of processes (default: ``jax.process_count()``).
@@ -123,7 +125,6 @@ def batches(
   """
   shuffle = train if shuffle is None else shuffle
   drop_remainder = train if drop_remainder is None else drop_remainder
-  augment = (train and source.name in CIFAR_DATASETS) if augment is None else augment
   index, count = process_shard(process_index, process_count)
   if batch_size < 1 or batch_size % count:
     raise ValueError(f"batch_size must be a positive multiple of process_count={count}, got {batch_size}")

@@ -21,7 +21,6 @@ TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 IDX_DATASETS = ("mnist", "fashion_mnist")
 DATASETS = ("digits",) + TFDS_DATASETS
 SPLITS = ("train", "test")
-CIFAR_DATASETS = ("cifar10", "cifar100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +111,7 @@ class Source:
     Args:
       images: ``uint8`` images; a missing channel axis is added.
       labels: integer labels ``(N,)``.
-      name: dataset name (``'cifar10'``/``'cifar100'`` turn training augmentation on).
+      name: dataset name.
       split: split name.
       num_classes: defaults to ``max(labels) + 1``.
       mean: per-channel mean on the [0, 1] scale; defaults to the images' own.

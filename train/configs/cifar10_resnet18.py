@@ -1,8 +1,8 @@
-"""ResNet-18 (CIFAR form) on CIFAR-10, the paper's setting: SGD 0.1, step decay, lambda 16e-6, 300 epochs."""
+"""ResNet-18 (CIFAR form) on CIFAR-10, the paper's setting: SGD 0.1, step decay, lambda 16e-6, 300 epochs, crop+flip."""
 
 from ..config import Config
 
 
 def get_config() -> Config:
-  return Config(dataset="cifar10", model="resnet18", epochs=300, batch_size=128, learning_rate=0.1,
+  return Config(dataset="cifar10", augment=True, model="resnet18", epochs=300, batch_size=128, learning_rate=0.1,
                 schedule="step", lasso=16e-6, shrink_threshold=1e-5, rank_quantum=8)
