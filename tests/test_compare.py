@@ -1,6 +1,8 @@
 """Tests for ``maestro-compare``: the small setting end to end and Pufferfish's dense-to-factorized switch."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 
@@ -21,10 +23,12 @@ ROW = re.compile(r"^\| (?P<dataset>[^|]+) \| (?P<method>[^|]+) \| (?P<model>[^|]
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-  """The ``--small`` setting (digits, MLP) through the CLI, at 2 epochs."""
+  """The ``--small`` setting (digits, MLP) through the CLI, at 2 epochs: its folder, results and console text."""
   out = tmp_path_factory.mktemp("compare")
-  compare.compare_cli(["--small", "--epochs", str(EPOCHS), "--out", str(out)])
-  return out, json.loads((out / "comparison.json").read_text())
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    compare.compare_cli(["--small", "--epochs", str(EPOCHS), "--out", str(out)])
+  return out, json.loads((out / "comparison.json").read_text()), console.getvalue()
 
 
 def _table_rows(text):
@@ -37,7 +41,7 @@ def _table_rows(text):
 
 
 def test_table_has_every_method_with_parsable_numbers(small_run):
-  out, results = small_run
+  out, results, _ = small_run
   text = (out / "comparison.md").read_text()
   assert "Small CI setting" in text and "scikit-learn 8x8 digits" in text
   rows = _table_rows(text)
@@ -58,7 +62,7 @@ def test_table_has_every_method_with_parsable_numbers(small_run):
 
 
 def test_plot_and_json_families(small_run):
-  out, results = small_run
+  out, results, _ = small_run
   png = out / "comparison.png"
   assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert results["small"] and results["epochs"] == EPOCHS and results["fractions"][0] == 1.0
@@ -99,9 +103,25 @@ def test_plot_and_json_families(small_run):
              for line in text.splitlines())
 
 
+def test_console_reports_each_epoch_from_the_runs_own_records(small_run):
+  """Epoch lines come from each run's metrics.jsonl; the runner's own console text goes to its log, unparsed."""
+  out, results, console = small_run
+  methods = results["datasets"]["digits"]["methods"]
+  for name in ("dense", "maestro", "decomposable", "pufferfish_warmup", "pufferfish", "spectral"):
+    records = compare.epoch_records(out / "digits" / name)
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and records, name
+    for record in records:
+      assert f"      {compare.format_epoch(record, len(records))}\n" in console, name
+    assert "epoch 1: " in (out / "digits" / f"{name}.log").read_text(), name
+    if name in methods:  # the last epoch's record is the run's reported result
+      assert records[-1]["test_accuracy"] == pytest.approx(methods[name]["point"]["accuracy"], abs=1e-9), name
+  assert "epoch 1: " not in console  # the runner's line, as it prints it, stays in the log
+  assert compare.epoch_records(out / "nowhere") == []
+
+
 @pytest.mark.parametrize("dense_layers", [(), ("layers.0",)])
 def test_pufferfish_switch_at_full_rank_preserves_the_function(small_run, dense_layers):
-  out, _ = small_run
+  out, _, _ = small_run
   dense_dir = out / "digits" / "dense"
   dense = train_lib.load_run(dense_dir)
   config = dataclasses.replace(dense.config, factorized=True, init_from=str(dense_dir), rank_fraction=None,
@@ -125,7 +145,7 @@ def test_pufferfish_switch_at_full_rank_preserves_the_function(small_run, dense_
 
 
 def test_rerun_reuses_finished_runs(small_run, capsys):
-  out, results = small_run
+  out, results, _ = small_run
   again = compare.run_comparison(["digits"], epochs=EPOCHS, out=out, small=True)
   assert "reusing the finished run" in capsys.readouterr().out
   assert all(e["reused"] for e in again["datasets"]["digits"]["methods"].values())

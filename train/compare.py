@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import shutil
 import sys
@@ -257,26 +256,19 @@ def method_configs(setting: Setting, workdirs: dict[str, Path], *,
 # ----------------------------------------------------------------------------- running
 
 
-class _EpochEcho(io.TextIOBase):
-  """Writes a run's output to a log file and echoes its ``epoch ...`` and ``resumed`` lines, indented."""
+def epoch_records(workdir: Path) -> list[dict[str, Any]]:
+  """The run's own record of every epoch, as the runner wrote it to ``workdir/metrics.jsonl`` (empty if none)."""
+  path = workdir / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-  def __init__(self, log, echo: Callable[[str], None]):
-    super().__init__()
-    self._log, self._echo, self._line = log, echo, ""
-    self._stdout = sys.stdout  # echo there, not into the redirected stream
 
-  def writable(self) -> bool:
-    return True
-
-  def write(self, text: str) -> int:
-    self._log.write(text)
-    self._line += text
-    while "\n" in self._line:
-      line, self._line = self._line.split("\n", 1)
-      if line.startswith(("epoch ", "resumed")):
-        with contextlib.redirect_stdout(self._stdout):
-          self._echo(f"      {line}")
-    return len(text)
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+  """One console line for one epoch's record (test accuracy and loss, deployed size, seconds)."""
+  return (f"epoch {record['epoch']}/{epochs}: test accuracy {100 * record['test_accuracy']:.2f}%, "
+          f"loss {record['test_loss']:.4f}, params {record['params']:,}, MACs {record['macs']:,}, "
+          f"{record['epoch_seconds']:.1f} s")
 
 
 def _config_dict(config: config_lib.Config) -> dict:
@@ -323,7 +315,8 @@ def train_run(config: config_lib.Config, workdir: Path, *, log: Callable[[str], 
   so that the wall time covers one whole, uninterrupted training run. The
   run's console output goes to ``<workdir>.log`` beside the workdir, which
   holds only what the runner writes (it refuses a folder with other files)
-  plus, once finished, this command's record.
+  plus, once finished, this command's record. Once the run ends, one line per
+  epoch is logged from its ``metrics.jsonl``.
   """
   done = workdir / _DONE_FILE
   if done.exists():
@@ -336,10 +329,14 @@ def train_run(config: config_lib.Config, workdir: Path, *, log: Callable[[str], 
   workdir.parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   with open(workdir.parent / f"{workdir.name}.log", "w") as log_file:
-    stream = sys.stdout if verbose else _EpochEcho(log_file, log)
-    with contextlib.redirect_stdout(stream):
+    # The runner's console text is kept whole in the log; what this command reports comes from the run's own
+    # records (the returned summary, metrics.jsonl), never from parsing that text.
+    with contextlib.redirect_stdout(sys.stdout if verbose else log_file):
       summary = train_lib.train_and_evaluate(config, workdir, progress=verbose)
   seconds = time.perf_counter() - start
+  if not verbose:  # verbose runs printed their own epoch lines as they went
+    for epoch in epoch_records(workdir):
+      log(f"      {format_epoch(epoch, config.epochs)}")
   record = {"config": _config_dict(config), "summary": summary, "train_seconds": round(seconds, 2)}
   done.write_text(json.dumps(record, indent=2))
   return record
