@@ -277,13 +277,23 @@ class LayerTiming:
 
 
 def _layer_fn(layer: mnnx.FactorizedModule) -> Callable:
-  # Timed as the layer runs it: on its own compute path (a factorized layer may form its kernel per call).
+  """``fn(core params, x)``: the layer's forward on given factors or kernel, as the layer itself runs it.
+
+  Timed on the layer's own compute path (a factorized layer may form its kernel
+  per call) and with its own axes. A skin class not listed here is refused:
+  timing it as some other kind would measure the wrong operation.
+  """
   path = getattr(layer, "compute_path", "auto")
   if isinstance(layer, mnnx.Conv):
     return lambda p, x: core.conv(p, x, None, strides=layer.strides, padding=layer.padding,
                                   dilation=layer.kernel_dilation, dtype=layer.dtype, precision=layer.precision,
                                   compute_path=path)
-  return lambda p, x: core.dense(p, x, None, dtype=layer.dtype, precision=layer.precision, compute_path=path)
+  if isinstance(layer, mnnx.LinearGeneral):
+    return lambda p, x: core.dense_general(p, x, None, axis=layer.axis, features=layer.out_features,
+                                           dtype=layer.dtype, precision=layer.precision, compute_path=path)
+  if isinstance(layer, mnnx.Linear):
+    return lambda p, x: core.dense(p, x, None, dtype=layer.dtype, precision=layer.precision, compute_path=path)
+  raise TypeError(f"cannot time a {type(layer).__name__} layer; timed kinds are Linear, LinearGeneral and Conv")
 
 
 def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Mapping[str, int] | None = None, *,

@@ -254,3 +254,21 @@ def test_dense_by_latency_measures_on_this_backend():
   model = _mlp()
   merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=4, repeats=1, warmup=1)
   assert set(merged) <= {"layers.0", "layers.1", "layers.2"}
+
+
+def test_multi_axis_layers_are_timed_with_their_own_axes():
+  """A LinearGeneral contracting two axes is timed as it runs (its factors' matrix view would not take the input)."""
+
+  class Heads(nnx.Module):
+    def __init__(self, rngs):
+      self.out = mnnx.LinearGeneral((2, 3), (2, 4), axis=(-2, -1), rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(x)
+
+  model = Heads(nnx.Rngs(0))
+  assert export.layer_inputs(model, (5, 2, 3)) == {"out": (5, 2, 3)}
+  (timing,) = export.measure_layer_times(model, (5, 2, 3), batch_size=2, max_candidates=1, repeats=1,
+                                         warmup=1).values()
+  assert timing.input_shape == (2, 5, 2, 3) and timing.rank == 6 and timing.dense_time > 0
+  assert set(export.dense_by_latency(model, (5, 2, 3), batch_size=2, repeats=1, warmup=1)) <= {"out"}
