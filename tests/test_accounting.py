@@ -212,10 +212,13 @@ def test_one_recorder_serves_positions_and_inputs():
   assert export.layer_inputs(model, (3, 4)) == {tied: (3, 4), "out": (4,)}
   assert type(model.fc) is mnnx.Linear and type(model.out) is mnnx.Linear
 
-  # Nested recordings each see only their own layers; classes come back after each block.
+  # Nested recordings each see only their own layers, each call once (also a layer watched by both, or named
+  # twice); classes come back after each block.
   with recording.recording({"fc": model.fc}, lambda layer, x, out: "outer") as outer:
-    with recording.recording({"out": model.out}, lambda layer, x, out: x.shape) as inner:
+    with recording.recording({"out": model.out, "fc": model.fc, "tied": model.fc},
+                             lambda layer, x, out: x.shape) as inner:
       model(jnp.ones((1, 3, 4)))
-    assert type(model.out) is mnnx.Linear
-  assert outer == {"fc": ["outer", "outer"]} and inner == {"out": [(1, 4)]}
+    assert type(model.out) is mnnx.Linear and type(model.fc) is not mnnx.Linear
+  assert outer == {"fc": ["outer", "outer"]}
+  assert inner == {"out": [(1, 4)], "fc": [(1, 3, 4)] * 2, "tied": [(1, 3, 4)] * 2}
   assert type(model.fc) is mnnx.Linear

@@ -29,12 +29,13 @@ T = TypeVar("T")
 
 # A recording subclass per layer class, made once: classes made per call would pile up for the process's life.
 _SUBCLASSES: dict[type, type] = {}
+_RECORDING_CLASSES: set[type] = set()
 # The recordings in progress on this thread, innermost last. A layer is looked up by id in each, so nested
 # recordings (a traced model that itself traces a model) each see only their own layers.
 _ACTIVE = threading.local()
 
 
-def _recordings() -> list[tuple[dict[int, str], dict[str, list], Callable]]:
+def _recordings() -> list[tuple[dict[int, list[str]], dict[str, list], Callable]]:
   if not hasattr(_ACTIVE, "stack"):
     _ACTIVE.stack = []
   return _ACTIVE.stack
@@ -46,13 +47,13 @@ def _recording_subclass(cls: type) -> type:
     def __call__(self, *args, **kwargs):
       out = cls.__call__(self, *args, **kwargs)
       for names, calls, observe in _recordings():
-        name = names.get(id(self))
-        if name is not None:
+        for name in names.get(id(self), ()):
           calls[name].append(observe(self, args[0] if args else None, out))
       return out
 
     _SUBCLASSES[cls] = types.new_class(cls.__name__, (cls,), exec_body=lambda ns: ns.update(
         {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}))
+    _RECORDING_CLASSES.add(_SUBCLASSES[cls])
   return _SUBCLASSES[cls]
 
 
@@ -70,19 +71,25 @@ def recording(layers: Mapping[str, Any], observe: Callable[[Any, Any, Any], T]) 
     ``{name: [observation per call, in call order]}`` (an empty list for a
     layer never called).
   """
-  originals = {name: type(layer) for name, layer in layers.items()}
   calls: dict[str, list[T]] = {name: [] for name in layers}
-  entry = ({id(layer): name for name, layer in layers.items()}, calls, observe)
+  names: dict[int, list[str]] = {}
+  for name, layer in layers.items():
+    names.setdefault(id(layer), []).append(name)
+  entry = (names, calls, observe)
+  # One swap per object, even when an object is named twice or is already recording for an outer block:
+  # a recording subclass of a recording subclass would note every call twice.
+  objects = {id(layer): layer for layer in layers.values() if type(layer) not in _RECORDING_CLASSES}
+  originals = {key: type(layer) for key, layer in objects.items()}
   stack = _recordings()
-  for layer in layers.values():
+  for layer in objects.values():
     layer.__class__ = _recording_subclass(type(layer))
   stack.append(entry)
   try:
     yield calls
   finally:
     stack.remove(entry)
-    for name, layer in layers.items():
-      layer.__class__ = originals[name]
+    for key, layer in objects.items():
+      layer.__class__ = originals[key]
 
 
 def record_calls(rebuild: Callable[[Any], Any], state: Any, x: jax.ShapeDtypeStruct, *,
