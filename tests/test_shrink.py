@@ -210,3 +210,20 @@ def test_errors():
   optimizer = optax.adam(1e-3)
   with pytest.raises(ValueError, match="needs the optimizer"):
     mj.shrink(params, {"fc1": 2}, opt_state=optimizer.init(params))
+
+
+def test_min_saving_waits_until_the_cuts_add_up():
+  params = _params()
+  assert mj.capacities(params) == {"fc1": 5, "conv": 6}
+  small_cut = {"fc1": 4}
+  # One component of fc1 is well under half of the factor parameters: the shapes stay, the component is zeroed.
+  assert mj.new_capacities(params, small_cut, min_saving=0.5) == {"fc1": 5, "conv": 6}
+  kept, _, caps = mj.shrink(params, small_cut, min_saving=0.5)
+  assert caps == {"fc1": 5, "conv": 6}
+  np.testing.assert_array_equal(np.asarray(kept["fc1"]["a"][:, :4]), np.asarray(params["fc1"]["a"][:, :4]))
+  assert np.all(np.asarray(kept["fc1"]["a"][:, 4:]) == 0.0) and np.all(np.asarray(kept["fc1"]["b"][4:]) == 0.0)
+  # Without the threshold, or once enough is freed, the capacities are cut.
+  assert mj.new_capacities(params, small_cut) == {"fc1": 4, "conv": 6}
+  assert mj.new_capacities(params, {"fc1": 1, "conv": 1}, min_saving=0.5) == {"fc1": 1, "conv": 1}
+  with pytest.raises(ValueError, match="min_saving"):
+    mj.new_capacities(params, small_cut, min_saving=1.0)

@@ -70,6 +70,7 @@ class Config:
   shrink: bool = True                  # progressive shrinking at each epoch end
   shrink_threshold: float = 1e-5
   rank_quantum: int = 1
+  reslice_min_saving: float = 0.25  # cut shapes only once that fraction of factor params is freed (fewer compiles)
   recalibrate_batches: int = 10        # BatchNorm recalibration before evaluation (0: off)
   seq_len: int = 64                    # language modelling: tokens a model reads (windows of seq_len + 1)
   steps_per_epoch: int = 0             # language modelling: steps between shrink/evaluate/save (0: one pass)
@@ -100,6 +101,8 @@ class Config:
                   "keep_checkpoints", "log_every_steps", "seq_len"):
       if getattr(self, field) < 1:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 1")
+    if not 0 <= self.reslice_min_saving < 1:
+      raise ValueError(f"config: reslice_min_saving={self.reslice_min_saving!r} must be in [0, 1)")
     if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
       raise ValueError(f"config: rank_fraction={self.rank_fraction!r} must be in (0, 1]")
     for field in ("learning_rate", "lasso", "frobenius_decay", "shrink_threshold", "weight_decay",
@@ -176,7 +179,8 @@ IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "facto
 # Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
-                     "lasso", "frobenius_decay", "shrink", "shrink_threshold", "steps_per_epoch")
+                     "lasso", "frobenius_decay", "shrink", "shrink_threshold", "reslice_min_saving", "steps_per_epoch",
+                     "augment")
 
 
 def available() -> list[str]:

@@ -102,7 +102,7 @@ class Classification:
   def train_batches(self, sources: Sources, config, epoch: int, start_batch: int) -> Iterator[dict]:
     from maestro_jax import data as data_lib
     return data_lib.batches(sources.train, config.batch_size, seed=config.seed, epoch=epoch,
-                            start_batch=start_batch, train=True)
+                            start_batch=start_batch, train=True, augment=config.augment)
 
   def eval_batches(self, source, config, batch_size: int, *, periodic: bool = False,
                    max_windows: int | None = None) -> Iterator[dict]:

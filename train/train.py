@@ -38,6 +38,8 @@ from . import tasks
 from . import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Drawing the plots costs about 0.4 s; short epochs redraw them at most this often (and after the last).
+PLOT_EVERY_SECONDS = 30.0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -546,6 +548,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   # From here on a signal only stops the run at the next step boundary, after saving.
   with interrupt.deferred():
     try:
+      last_plot = -PLOT_EVERY_SECONDS
       for epoch in range(step // steps_per_epoch, config.epochs):
         if interrupt.requested():
           stop(interrupt.requested())
@@ -583,7 +586,8 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
           if ranks != old_ranks:  # Only then is the whole state (optimizer included) brought to the host.
             host = jax.device_get(state)
             params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
-                                                      opt_state=host["opt_state"], optimizer=optimizer)
+                                                      opt_state=host["opt_state"], optimizer=optimizer,
+                                                      min_saving=config.reslice_min_saving)
             state = shards.put_state(dict(host, params=params, opt_state=opt_state,
                                           ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
 
@@ -600,7 +604,9 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
         manager.wait_until_finished()
         workdir_lib.append_record(workdir, record)
         report.log_record(tensorboard, record)
-        report.plot_history(history, initial_caps, workdir, task.headline)
+        if epoch + 1 == config.epochs or time.monotonic() - last_plot >= PLOT_EVERY_SECONDS:
+          report.plot_history(history, initial_caps, workdir, task.headline)
+          last_plot = time.monotonic()
         print(f"epoch {epoch + 1}: {task.describe(evaluated, task.eval_split)}, "
               f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
 

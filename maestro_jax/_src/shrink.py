@@ -37,10 +37,26 @@ def round_up_rank(rank: int, quantum: int, capacity: int) -> int:
   return min(int(math.ceil(rank / quantum)) * quantum, capacity)
 
 
-def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1) -> dict[str, int]:
-  """Capacity per layer after shrinking to ``ranks`` with the given quantum."""
+def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1,
+                   min_saving: float = 0.0) -> dict[str, int]:
+  """Capacity per layer after shrinking to ``ranks`` with the given quantum.
+
+  With ``min_saving > 0`` every capacity stays as it is unless the cuts together
+  free at least that fraction of the model's factor parameters: each new set of
+  shapes costs a compilation, so small cuts wait (masked) until they add up.
+  """
+  if not 0 <= min_saving < 1:
+    raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
   caps = tree.capacities(params)
-  return {name: round_up_rank(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
+  new = {name: round_up_rank(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
+  if min_saving > 0:
+    per_component = {name: math.prod(layer["a"].shape[:-1]) + layer["b"].shape[-1]
+                     for name, layer in tree.factorized_layers(params).items()}
+    total = sum(per_component[name] * cap for name, cap in caps.items())
+    freed = sum(per_component[name] * (caps[name] - new[name]) for name in caps)
+    if freed < min_saving * total:
+      return caps
+  return new
 
 
 def _slicers(params: Any, ranks: Mapping[str, int], caps: Mapping[str, int]):
@@ -67,7 +83,7 @@ def _slicers(params: Any, ranks: Mapping[str, int], caps: Mapping[str, int]):
 
 
 def shrink(params: Any, ranks: Mapping[str, int], *, quantum: int = 1, opt_state: Any = None,
-           optimizer: optax.GradientTransformation | None = None):
+           optimizer: optax.GradientTransformation | None = None, min_saving: float = 0.0):
   """Cuts every factorized layer to ``round_up_rank(rank, quantum)`` components.
 
   Parameters and every parameter-shaped part of the optimizer state (momentum,
@@ -81,11 +97,14 @@ def shrink(params: Any, ranks: Mapping[str, int], *, quantum: int = 1, opt_state
     quantum: capacities are rounded up to a multiple of this (1, 8, 128, ...).
     opt_state: optional optimizer state for ``params``.
     optimizer: the optax transformation that made ``opt_state`` (needed with it).
+    min_saving: cut capacities only when together they free at least this
+      fraction of the factor parameters (see :func:`new_capacities`); below it
+      the shapes stay and the components past each rank are zeroed.
 
   Returns:
     ``(params, opt_state, capacities)``; ``opt_state`` is None when not given.
   """
-  caps = new_capacities(params, ranks, quantum)
+  caps = new_capacities(params, ranks, quantum, min_saving)
   slicers = _slicers(params, ranks, caps)
   new_params = jax.tree.map(lambda fn, x: fn(x), slicers, params, is_leaf=callable)
   new_state = None
