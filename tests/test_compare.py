@@ -18,7 +18,7 @@ from maestro_train import train as train_lib
 
 EPOCHS = 2
 ROW = re.compile(r"^\| (?P<dataset>[^|]+) \| (?P<method>[^|]+) \| (?P<model>[^|]+) \| (?P<acc>[^|]+) \| "
-                 r"(?P<params>[^|]+) \| (?P<macs>[^|]+) \| (?P<seconds>[^|]+) \|$")
+                 r"(?P<params>[^|]+) \| (?P<macs>[^|]+) \| (?P<seconds>[^|]+) \| (?P<cpu>[^|]+) \|$")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_table_has_every_method_with_parsable_numbers(small_run):
   ranks = ", ".join(f"{k} {v}" for k, v in results["datasets"]["digits"]["methods"]["maestro"]["ranks"].items())
   assert any(r["method"] == "Maestro" and r["model"] == f"trained ranks ({ranks})" for r in rows)
   for r in rows:
-    acc, seconds = float(r["acc"]), float(r["seconds"])
+    acc, seconds, cpu = float(r["acc"]), float(r["seconds"]), float(r["cpu"])
     params, macs = int(r["params"].replace(",", "")), int(r["macs"].replace(",", ""))
-    assert 0.0 <= acc <= 100.0 and seconds > 0 and params > 0 and macs > 0
+    assert 0.0 <= acc <= 100.0 and seconds > 0 and cpu > 0 and params > 0 and macs > 0
   # Each row is one point of a family in the JSON, in the same numbers.
   points = sum(len(m["family"]) for m in results["datasets"]["digits"]["methods"].values())
   assert len(rows) == points
@@ -73,7 +73,7 @@ def test_plot_and_json_families(small_run):
     assert len(entry["family"]) == (k if name in ("maestro", "decomposable", "svd") else 1), name
     for q in entry["family"]:
       assert 0 <= q["accuracy"] <= 1 and q["params"] > 0 and q["macs"] > 0
-    assert entry["train_seconds"] > 0
+    assert entry["train_seconds"] > 0 and entry["train_cpu_seconds"] > 0
   # Families get smaller with the fraction; their full-fraction points are the trained models.
   for name in ("maestro", "decomposable", "svd"):
     macs = [q["macs"] for q in methods[name]["family"]]
@@ -83,6 +83,7 @@ def test_plot_and_json_families(small_run):
   # Post-hoc SVD at full rank is the dense model itself.
   assert methods["svd"]["family"][0]["accuracy"] == pytest.approx(methods["dense"]["point"]["accuracy"], abs=1e-9)
   assert methods["svd"]["train_seconds"] >= methods["dense"]["train_seconds"]
+  assert methods["svd"]["train_cpu_seconds"] == methods["dense"]["train_cpu_seconds"]
   # Pufferfish: warm-up + low-rank epochs add up; a quarter of the ranks, the first layer dense.
   puff = methods["pufferfish"]
   assert puff["config"]["epochs"] + puff["warmup_epochs"] == EPOCHS

@@ -327,17 +327,19 @@ def train_run(config: config_lib.Config, workdir: Path, *, log: Callable[[str], 
   if workdir.exists():
     shutil.rmtree(workdir)
   workdir.parent.mkdir(parents=True, exist_ok=True)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   with open(workdir.parent / f"{workdir.name}.log", "w") as log_file:
     # The runner's console text is kept whole in the log; what this command reports comes from the run's own
     # records (the returned summary, metrics.jsonl), never from parsing that text.
     with contextlib.redirect_stdout(sys.stdout if verbose else log_file):
       summary = train_lib.train_and_evaluate(config, workdir, progress=verbose)
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   if not verbose:  # verbose runs printed their own epoch lines as they went
     for epoch in epoch_records(workdir):
       log(f"      {format_epoch(epoch, config.epochs)}")
-  record = {"config": _config_dict(config), "summary": summary, "train_seconds": round(seconds, 2)}
+  # CPU seconds (all of the process's threads) depend far less than wall time on what else the machine runs.
+  record = {"config": _config_dict(config), "summary": summary, "train_seconds": round(seconds, 2),
+            "train_cpu_seconds": round(cpu_seconds, 2)}
   done.write_text(json.dumps(record, indent=2))
   return record
 
@@ -437,7 +439,8 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
                                                       if len(entry["family"]) > 1 else ""))
 
   def entry(record: dict, name: str, **fields) -> dict:
-    return {**fields, "train_seconds": record["train_seconds"], "reused": record.get("reused", False),
+    return {**fields, "train_seconds": record["train_seconds"], "train_cpu_seconds": record.get("train_cpu_seconds"),
+            "reused": record.get("reused", False),
             "workdir": str(workdirs[name]), "config": record["config"]}
 
   record, dense = trained("dense", "dense")
@@ -460,6 +463,8 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
                warmup_epochs=configs["pufferfish_warmup"].epochs, warmup_seconds=warm_record["train_seconds"],
                warmup_config=warm_record["config"])
   puff["train_seconds"] = round(warm_record["train_seconds"] + record["train_seconds"], 2)
+  if puff["train_cpu_seconds"] is not None and warm_record.get("train_cpu_seconds") is not None:
+    puff["train_cpu_seconds"] = round(warm_record["train_cpu_seconds"] + puff["train_cpu_seconds"], 2)
   puff["reused"] = puff["reused"] or warm_record.get("reused", False)
   finish("pufferfish", puff)
 
@@ -468,6 +473,7 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
   headline = min(family, key=lambda q: abs(q["fraction"] - (rank_fraction or 1.0)))
   finish("svd", {"point": headline, "family": family, "svd_seconds": round(svd_seconds, 3),
                  "train_seconds": round(results["dense"]["train_seconds"] + svd_seconds, 2),
+                 "train_cpu_seconds": results["dense"]["train_cpu_seconds"],
                  "reused": results["dense"]["reused"], "workdir": str(workdirs["dense"]),
                  "config": results["dense"]["config"], "truncates": "dense"})
 
@@ -481,14 +487,15 @@ def compare_dataset(setting: Setting, out: Path, *, fractions: Sequence[float] =
 
 
 def _rows(results: dict[str, Any]):
-  """``(dataset, method label, model, point, train seconds)`` of every point, families by decreasing fraction."""
+  """``(dataset, method label, model, point, (wall, CPU) train seconds)`` of every point, families by decreasing
+  fraction."""
   for dataset, entry in results["datasets"].items():
     for r in entry["methods"].values():
       for q in sorted(r["family"], key=lambda q: -q["fraction"]):
         setting = q["setting"]
         if r.get("ranks") and q["fraction"] == 1.0:  # a trained factorized model: show its ranks
           setting += f" ({', '.join(f'{name} {rank}' for name, rank in r['ranks'].items())})"
-        yield dataset, r["label"], setting, q, r["train_seconds"]
+        yield dataset, r["label"], setting, q, (r["train_seconds"], r.get("train_cpu_seconds"))
 
 
 def method_runs(methods: dict[str, Any]) -> dict[str, dict]:
@@ -523,17 +530,18 @@ def format_markdown(results: dict[str, Any]) -> str:
       f"{FROBENIUS_DECAY:g} instead of weight decay. Post-hoc SVD: the dense model truncated, no training.",
       "",
       "Accuracy: test set. Params and MACs (per example): the deployable model, each layer as the smaller of its "
-      "dense kernel and its kept factors. Train s: wall time of the training run(s) on this machine, including "
-      "per-epoch evaluation and checkpoints (Pufferfish: warm-up + low-rank phase; post-hoc SVD: the dense run + "
-      "the SVDs). A method with several rows: its family of models, all from the one training run. In brackets: "
+      "dense kernel and its kept factors. Wall s and CPU s: wall time and CPU time (all threads) of the "
+      "training run(s), including per-epoch evaluation and checkpoints (Pufferfish: warm-up + low-rank phase; "
+      "post-hoc SVD: the dense run + the SVDs); wall time grows with whatever else the machine runs, CPU time "
+      "much less, so compare methods by CPU time. A method with several rows: its family of models, all from the one training run. In brackets: "
       "the trained rank of every factorized layer.",
       "",
-      "| dataset | method | model | accuracy % | params | MACs | train s |",
-      "|---|---|---|---:|---:|---:|---:|",
+      "| dataset | method | model | accuracy % | params | MACs | wall s | CPU s |",
+      "|---|---|---|---:|---:|---:|---:|---:|",
   ]
-  for dataset, label, setting, q, seconds in _rows(results):
+  for dataset, label, setting, q, (wall, cpu) in _rows(results):
     lines.append(f"| {dataset} | {label} | {setting} | {100 * q['accuracy']:.2f} | {q['params']:,} | "
-                 f"{q['macs']:,} | {seconds:.1f} |")
+                 f"{q['macs']:,} | {wall:.1f} | {'-' if cpu is None else f'{cpu:.1f}'} |")
   for dataset, entry in results["datasets"].items():
     lines += ["", f"### Configs run on {dataset}", "",
               "Every config field of every training run (post-hoc SVD trains nothing: it truncates the Dense "
