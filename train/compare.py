@@ -348,7 +348,7 @@ def _calibration(run: train_lib.Run):
   """Calibration images for BatchNorm recalibration of every swept model, or None without model state."""
   if not jax.tree.leaves(run.state["model_state"]) or not run.config.recalibrate_batches:
     return None
-  calibration_images = train_lib._calibration_images  # pylint: disable=protected-access
+  calibration_images = train_lib.calibration_images
   return calibration_images(run.train_source, run.config, run.config.recalibrate_batches)
 
 

@@ -20,6 +20,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("constant", "step", "cosine"),
+    "shard_state": ("auto", "off", "fsdp"),
+    "compute_dtype": ("float32", "bfloat16", "auto"),
 }
 
 
@@ -79,6 +81,12 @@ class Config:
   checkpoint_every_steps: int = 500
   keep_checkpoints: int = 3
   log_every_steps: int = 50
+  # Several devices and hosts (see README "Several devices and hosts").
+  shard_state: str = "auto"            # 'fsdp': params and optimizer state split over the devices
+  #                                      (maestro_jax.sharding); 'off': replicated; 'auto': fsdp on >1 device
+  shard_min_size: int = 2 ** 14        # with fsdp, arrays of fewer elements stay replicated
+  compute_dtype: str = "float32"       # activations and matmuls: 'float32', 'bfloat16' (params, optimizer
+  #                                      state and loss stay float32) or 'auto' (bfloat16 off CPU)
 
   def validate(self) -> Config:
     """Checks every field's type and range; raises ValueError with a one-line message."""
@@ -98,7 +106,7 @@ class Config:
                          f"{', '.join(valid)}{also}" if field in ("dataset", "model") else
                          f"config: {field}={value!r} is not valid; choose one of {', '.join(valid)}")
     for field in ("epochs", "batch_size", "eval_batch_size", "rank_quantum", "checkpoint_every_steps",
-                  "keep_checkpoints", "log_every_steps", "seq_len"):
+                  "keep_checkpoints", "log_every_steps", "seq_len", "shard_min_size"):
       if getattr(self, field) < 1:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 1")
     if not 0 <= self.reslice_min_saving < 1:
@@ -180,7 +188,9 @@ IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "facto
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
                      "lasso", "frobenius_decay", "shrink", "shrink_threshold", "reslice_min_saving", "steps_per_epoch",
-                     "augment")
+                     "compute_dtype", "augment")
+# shard_state and shard_min_size are in neither list: placement changes no value beyond float rounding, and a
+# checkpoint restores onto any device count and either placement.
 
 
 def available() -> list[str]:

@@ -1,4 +1,11 @@
-"""Command line: ``maestro-train [CONFIG] [key=value ...] [--workdir DIR] [--fresh] [--allow-changes] [--debug]``."""
+"""Command line: ``maestro-train [CONFIG] [key=value ...] [--workdir DIR] [--fresh] [--allow-changes] [--debug]``.
+
+Several processes (one per host, or several on one machine) each run the same
+command with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``; ``--distributed`` lets JAX detect a Cloud TPU pod, SLURM or
+Open MPI cluster instead).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +35,15 @@ def parse(argv=None) -> tuple[config_lib.Config, Path, argparse.Namespace]:
                            "(the change is recorded in WORKDIR/config_changes.jsonl)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+  several = parser.add_argument_group(
+      "several processes", "start JAX's multi-controller runtime (jax.distributed); every process runs the same "
+      "command and feeds its own share of each batch; process 0 writes records, plots and the summary")
+  several.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address for the coordination service (default: $JAX_COORDINATOR_ADDRESS)")
+  several.add_argument("--num-processes", type=int, metavar="N", help="default: $JAX_NUM_PROCESSES")
+  several.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1 (default: $JAX_PROCESS_ID)")
+  several.add_argument("--distributed", action="store_true",
+                       help="start it even with none of the above, letting JAX detect the cluster (TPU pod, SLURM)")
   args = parser.parse_args(argv)
   if "=" in args.config:  # Only overrides were given.
     args.overrides.insert(0, args.config)
@@ -47,6 +63,8 @@ def cli(argv=None) -> None:
     try:
       config, workdir, args = parse(argv)
       from . import train  # Heavy imports only after the arguments are known to be good.
+      # Before anything asks JAX for devices: the runtime must know about every process first.
+      train.initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
       train.train_and_evaluate(config, workdir, progress=not args.no_progress, fresh=args.fresh,
                                allow_changes=args.allow_changes)
     except interrupt.Interrupted as e:

@@ -4,6 +4,13 @@ Per step: keep counts are sampled from the step's key and the jitted, donated
 train step runs data-parallel over all devices. Per epoch: progressive
 shrinking (params and optimizer state sliced), BatchNorm recalibration on
 training batches, evaluation, a JSON-lines record, plots and a checkpoint.
+
+Several devices and hosts: batches are split over a 1-D ``data`` mesh of every
+device of every process; ``config.shard_state`` also splits parameters and
+optimizer state over it (:mod:`maestro_jax.sharding`), and Orbax saves and
+restores them sharded, onto any device count. Started as several processes
+(:func:`initialize_distributed`), each process feeds its own share of every
+batch and only process 0 writes records, plots and the summary.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -29,6 +37,7 @@ from tqdm.auto import tqdm
 
 import maestro_jax
 from maestro_jax import nnx as mnx
+from maestro_jax import sharding
 from maestro_jax import training
 from . import config as config_lib
 from . import interrupt
@@ -40,6 +49,77 @@ from . import workdir as workdir_lib
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Drawing the plots costs about 0.4 s; short epochs redraw them at most this often (and after the last).
 PLOT_EVERY_SECONDS = 30.0
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto: bool = False) -> bool:
+  """Starts JAX's multi-controller runtime when this program is one of several processes.
+
+  Each argument left None is read from the environment (``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Nothing is started for a single
+  process. Must run before anything asks JAX for its devices.
+
+  Args:
+    coordinator: ``host:port`` of process 0's coordination service.
+    num_processes: how many processes take part.
+    process_id: this process's number, ``0 .. num_processes - 1``.
+    auto: start even with nothing given, letting JAX detect the cluster (Cloud
+      TPU pod slices, SLURM, Open MPI).
+
+  Returns:
+    Whether ``jax.distributed.initialize`` was called.
+  """
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if not auto and (num_processes or 1) <= 1 and coordinator is None:
+    return False
+  # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib. Accelerators ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  return True
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes records, plots and the summary."""
+  return jax.process_index() == 0
+
+
+def host_copy(tree: Any) -> Any:
+  """``tree``'s global values as numpy arrays on this host.
+
+  With several processes a sharded array is not wholly on any one host; it is
+  gathered, so every process must call this at the same point.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (no-op for one): process 0 prepares the workdir before the others read it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def _agreed_signal() -> int | None:
+  """The signal any process received, agreed by all (each process may see a signal at a different step)."""
+  local = interrupt.requested()
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  received = multihost_utils.process_allgather(np.int32(local or 0))
+  return int(np.max(received)) or None
+
+
+# ----------------------------------------------------------------------------- errors
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,10 +173,26 @@ def _as_sources(config: config_lib.Config, source_or_sources) -> tasks.Sources:
                                                        "image_shape": tuple(source_or_sources.image_shape)})
 
 
+def compute_dtype(config: config_lib.Config) -> jnp.dtype:
+  """The dtype of the model's activations and matmuls (parameters, optimizer state and loss stay float32).
+
+  ``'auto'`` is decided here, when the run starts and its devices are known:
+  bfloat16 on an accelerator (GPU/TPU matrix units run it at several times the
+  float32 rate and it halves activation memory), float32 on CPU, where it would
+  cost precision without being faster.
+  """
+  name = config.compute_dtype
+  if name == "auto":
+    name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return jnp.dtype(name)
+
+
 def build_model(config: config_lib.Config, sources) -> Any:
   """The configured model as built: an ``nnx.Module`` or an uninitialized Linen module.
 
-  With ``init_from``, a trained dense run's (NNX) model factorized by SVD.
+  With ``init_from``, a trained dense run's (NNX) model factorized by SVD. A
+  compute dtype other than float32 (:func:`compute_dtype`) is passed as the
+  model's ``dtype=``; a factory given by import path must then take ``dtype``.
   """
   sources = _as_sources(config, sources)
   task = tasks.get(config.task)
@@ -108,11 +204,18 @@ def build_model(config: config_lib.Config, sources) -> Any:
                                    jax.device_get(run.state["model_state"]), "init_from (SVD of a dense run)")
     # At rank_fraction None the function is unchanged (Pufferfish's switch from dense warm-up).
     return mnx.factorize(model, rank_fraction=config.rank_fraction, skip=tuple(config.dense_layers))
+  dtype = compute_dtype(config)
+  # float32 passes nothing, so a float32 model is built exactly as before the option existed.
+  extra = {} if dtype == jnp.float32 else {"dtype": dtype}
   if modeling.is_import_path(config.model):
     factory = modeling.resolve_factory(config.model, config.python_path)
-    return modeling.call_factory(factory, config.model, config, sources.factory_args)
+    names, any_keyword = modeling._accepted(factory)  # pylint: disable=protected-access
+    if extra and not (any_keyword or "dtype" in names):
+      raise ValueError(f"config: compute_dtype={config.compute_dtype!r} runs in {dtype.name}, but model factory "
+                       f"{config.model!r} takes no 'dtype' argument; add one or set compute_dtype=float32")
+    return modeling.call_factory(factory, config.model, config, {**sources.factory_args, **extra})
   return task.build_zoo_model(config.model, sources, factorized=config.factorized, rngs=nnx.Rngs(config.seed),
-                              kwargs=config.model_kwargs)
+                              kwargs={**extra, **config.model_kwargs})
 
 
 def build_view(config: config_lib.Config, sources, *, module: Any = None) -> tuple[Any, dict, dict]:
@@ -133,22 +236,74 @@ def layer_positions(config: config_lib.Config, sources, view, params, model_stat
 
 
 class Shards:
-  """Data parallelism from JAX itself: batches split over a 1-D ``data`` mesh, the state replicated."""
+  """Where a run's arrays live: a 1-D ``data`` mesh over every device of every process.
 
-  def __init__(self, devices=None):
-    self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+  Batches are split along it (data parallelism; each process hands over its own
+  share). The train state is replicated, or with ``fsdp`` split by
+  :mod:`maestro_jax.sharding`'s rule (each large array along one axis, small
+  ones replicated), which holds 1/N of the parameters and optimizer state on
+  each of N devices at the cost of gathering each parameter where it is used.
+
+  Args:
+    devices: the devices (default: all, of every process).
+    fsdp: shard the train state instead of replicating it.
+    min_size: with ``fsdp``, arrays with fewer elements stay replicated.
+  """
+
+  def __init__(self, devices=None, *, fsdp: bool = False, min_size: int = sharding.DEFAULT_MIN_SIZE):
+    self.mesh = sharding.data_mesh(devices)
+    self.fsdp, self.min_size = fsdp, min_size
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
+
+  @classmethod
+  def for_config(cls, config: config_lib.Config, devices=None) -> Shards:
+    """The placement ``config.shard_state`` asks for ('auto': sharded on more than one device)."""
+    count = len(devices) if devices is not None else jax.device_count()
+    fsdp = config.shard_state == "fsdp" or (config.shard_state == "auto" and count > 1)
+    return cls(devices, fsdp=fsdp, min_size=config.shard_min_size)
 
   @property
   def size(self) -> int:
     return self.mesh.size
 
+  @property
+  def step_mesh(self) -> Mesh | None:
+    """The mesh the train step keeps its new state sharded over (None: replicated, placed by XLA)."""
+    return self.mesh if self.fsdp else None
+
+  def state_shardings(self, state):
+    """A sharding for every leaf of ``state`` (arrays or ``ShapeDtypeStruct``); the rule reads shapes only."""
+    if self.fsdp:
+      return sharding.state_shardings(state, self.mesh, min_size=self.min_size)
+    return jax.tree.map(lambda _: self.replicated, state)
+
   def put_state(self, state):
-    return jax.device_put(state, self.replicated)
+    """``state`` placed on the mesh; also after a shrink changed its shapes (the same rule places them).
+
+    With several processes, a host value (the same in every process) is cut into this process's pieces by
+    ``jax.make_array_from_callback``: ``jax.device_put`` of a host value onto devices of several processes
+    gives replicated arrays whose shards cannot be listed, which Orbax needs to save them.
+    """
+    shardings = self.state_shardings(state)
+    if jax.process_count() == 1:
+      return jax.device_put(state, shardings)
+
+    def put(x, where):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: only (re)placed
+        return jax.device_put(x, where)
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+    return jax.tree.map(put, state, shardings)
 
   def put_batch(self, batch: Mapping[str, np.ndarray]):
+    """This process's share of a global batch, assembled into global arrays split over the mesh."""
     return {k: jax.make_array_from_process_local_data(self.batch, v) for k, v in batch.items()}
+
+  def put_stacked(self, images: np.ndarray):
+    """``(count, b, ...)`` stacked batches (this process's share of each), split over the mesh on axis 1."""
+    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, PartitionSpec(None, "data")), images)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -216,7 +371,7 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
 
 
-def _restore_step(manager, step: int, fresh_state: dict, optimizer, parts) -> tuple[dict, dict]:
+def _restore_step(manager, step: int, fresh_state: dict, optimizer, parts, place) -> tuple[dict, dict]:
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   with_opt = "opt_state" in parts
   params, opt_state, _ = maestro_jax.shrink(fresh_state["params"], meta["capacities"],
@@ -226,6 +381,9 @@ def _restore_step(manager, step: int, fresh_state: dict, optimizer, parts) -> tu
                 ranks={k: jnp.asarray(v, jnp.int32) for k, v in meta["ranks"].items()})
   target = {k: v for k, v in target.items() if k in parts}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  if place is not None:  # Orbax reads each array straight into its target sharding, whatever wrote it.
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            place(abstract))
   if with_opt:
     args = ocp.args.StandardRestore(abstract)
   else:  # Only what is asked for is read: a damaged optimizer file cannot block an export.
@@ -242,7 +400,7 @@ MODEL_PARTS = ("params", "model_state", "step", "ranks")
 
 
 def restore(manager: ocp.CheckpointManager, fresh_state: dict, optimizer, *, parts=TRAIN_PARTS,
-            set_aside_in: Path | None = None) -> tuple[dict, dict] | None:
+            set_aside_in: Path | None = None, place=None) -> tuple[dict, dict] | None:
   """The newest checkpoint that restores, as ``(state, meta)``; None when there is none.
 
   The saved capacities are read first and a fresh state is shrunk to them, so a
@@ -258,6 +416,8 @@ def restore(manager: ocp.CheckpointManager, fresh_state: dict, optimizer, *, par
     optimizer: the optimizer of ``fresh_state['opt_state']``.
     parts: the state entries to read; without ``opt_state`` the optimizer state is not read.
     set_aside_in: the workdir whose ``skipped_checkpoints/`` receives steps that do not restore.
+    place: ``abstract state -> shardings`` to restore onto (e.g. :meth:`Shards.state_shardings`; a
+      checkpoint written on any device count restores onto these); None: ``fresh_state``'s own placement.
 
   Raises:
     ValueError: there are checkpoints but none of them restores.
@@ -268,7 +428,7 @@ def restore(manager: ocp.CheckpointManager, fresh_state: dict, optimizer, *, par
     try:
       if not (step_dir / "_CHECKPOINT_METADATA").exists():
         raise FileNotFoundError("not a complete checkpoint (no _CHECKPOINT_METADATA)")
-      restored = _restore_step(manager, step, fresh_state, optimizer, parts)
+      restored = _restore_step(manager, step, fresh_state, optimizer, parts, place)
     except Exception as e:  # noqa: BLE001 - whatever is wrong with one step, an older one may be fine.
       skipped.append((step, step_dir, e))
       continue
@@ -372,13 +532,25 @@ def _host_ranks(state) -> dict[str, int]:
   return {k: int(v) for k, v in state["ranks"].items()}
 
 
-def _calibration_images(source, config, count: int):
-  """``count`` training batches of model inputs stacked as ``(count, B, ...)`` for BatchNorm recalibration.
+def calibration_images(source, config: config_lib.Config, count: int) -> np.ndarray:
+  """``count`` unaugmented training batches of model inputs stacked as ``(count, B, ...)`` (BatchNorm recalibration).
 
-  ``source`` is the training source (or the task's :class:`~maestro_train.tasks.Sources`).
+  The same batches the runner recalibrates with before every evaluation, so a
+  sweep or an export of a run scores its models as training did.
+
+  Args:
+    source: the training source, or the task's :class:`~maestro_train.tasks.Sources`.
+    config: the run's config (task, batch size, seed).
+    count: how many batches.
+
+  Returns:
+    A numpy array; with several processes, this process's share of each batch.
   """
   sources = source if isinstance(source, tasks.Sources) else tasks.Sources(source, None, None, {})
   return tasks.get(config.task).calibration_inputs(sources, config, count)
+
+
+_calibration_images = calibration_images  # the former private name, kept for older callers
 
 
 @contextlib.contextmanager
@@ -412,7 +584,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, device
     config: the run configuration.
     workdir: where checkpoints, ``metrics.jsonl``, plots and the summary go. A
       non-empty folder that maestro-train did not write is refused.
-    devices: devices to shard batches over (default: all).
+    devices: devices to shard batches (and with ``config.shard_state``, the state) over (default: all, of
+      every process). With several processes (:func:`initialize_distributed`) every process calls this
+      with the same arguments; process 0 alone writes the workdir's records, plots and summary.
     progress: show a progress bar.
     fresh: first remove what maestro-train wrote in ``workdir`` (see :mod:`maestro_train.workdir`).
     allow_changes: resume even though a trajectory field (epochs, learning rate,
@@ -428,28 +602,40 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, *, device
     Interrupted: SIGTERM or SIGINT.
   """
   config.validate()
-  if fresh:  # Before anything is written: --fresh on a folder of one's own is refused as such.
+  primary = is_primary()
+  if fresh and primary:  # Before anything is written: --fresh on a folder of one's own is refused as such.
     workdir_lib.check_clearable(Path(workdir))
-  workdir = workdir_lib.prepare(workdir)
-  with workdir_lib.lock(workdir), interrupt.handling(), single_threaded_blas():
-    if fresh:
+  # Process 0 owns the workdir (marker, lock, --fresh); the others only read it and write checkpoint shards.
+  workdir = workdir_lib.prepare(workdir) if primary else Path(workdir)
+  with (workdir_lib.lock(workdir) if primary else contextlib.nullcontext()), interrupt.handling(), \
+      single_threaded_blas():
+    if fresh and primary:
       removed = workdir_lib.clear(workdir)
       if removed:
         print(f"--fresh: removed {', '.join(removed)} from {workdir}")
       workdir_lib.prepare(workdir)
+    _sync("maestro-train: workdir ready")
     return _train_and_evaluate(config, workdir, devices, progress, allow_changes)
 
 
 def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> dict[str, Any]:
+  primary = is_primary()
   changes = _check_resume(workdir, config, allow_changes)
-  workdir_lib.atomic_write_text(workdir / "config.json", config.to_json())
+  _sync("maestro-train: config checked")  # every process compared with the saved config before it is replaced
+  if primary:
+    workdir_lib.atomic_write_text(workdir / "config.json", config.to_json())
 
   task = tasks.get(config.task)
   sources = load_sources(config, workdir)  # a resumed language model reads its saved vocabulary
-  task.save(sources, workdir)
+  if primary:
+    task.save(sources, workdir)
   steps_per_epoch = task.steps_per_epoch(sources, config)
   total_steps = steps_per_epoch * config.epochs
-  shards = Shards(devices)
+  shards = Shards.for_config(config, devices)
+  if primary and (shards.size > 1 or compute_dtype(config) != jnp.float32):
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    print(f"{shards.size} device(s){processes}, state {'sharded (fsdp)' if shards.fsdp else 'replicated'}, "
+          f"compute {compute_dtype(config).name}")
   if config.batch_size % shards.size:
     raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {shards.size} devices")
   # Evaluation batches are padded and masked, so rounding their size up to the device count changes nothing.
@@ -466,31 +652,36 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   history: list[dict] = []
   config_changes: list[dict] = []
   earlier_seconds = 0.0  # wall time of the earlier sessions of this run
-  restored = restore(manager, state, optimizer, set_aside_in=workdir)
+  restored = restore(manager, state, optimizer, set_aside_in=workdir if primary else None,
+                     place=shards.state_shardings)
   if restored is not None:
     state, meta = restored
     history = meta["history"]
     config_changes = meta.get("config_changes", [])
     earlier_seconds = meta.get("wall_seconds", 0.0)
-    print(f"resumed from step {meta['step']} (epoch {meta['step'] / steps_per_epoch:.2f}) in {workdir}")
+    if primary:
+      print(f"resumed from step {meta['step']} (epoch {meta['step'] / steps_per_epoch:.2f}) in {workdir}")
     if changes:
       config_changes.append({"step": meta["step"], "changes": changes})
-      with (workdir / "config_changes.jsonl").open("a") as f:
-        f.write(json.dumps(config_changes[-1]) + "\n")
-      print(f"resumed with changed {', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())} "
-            f"(recorded in {workdir / 'config_changes.jsonl'})")
+      if primary:
+        with (workdir / "config_changes.jsonl").open("a") as f:
+          f.write(json.dumps(config_changes[-1]) + "\n")
+        print(f"resumed with changed {', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())} "
+              f"(recorded in {workdir / 'config_changes.jsonl'})")
   # The record of every epoch lives in its checkpoint; metrics.jsonl is rewritten to match the restored one.
-  workdir_lib.write_records(workdir, history)
+  if primary:
+    workdir_lib.write_records(workdir, history)
   state = shards.put_state(state)
   train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=config.lasso,
                                         loss=config.loss, alpha=config.alpha,
-                                        frobenius_decay=config.frobenius_decay)
+                                        frobenius_decay=config.frobenius_decay, mesh=shards.step_mesh,
+                                        min_shard_size=shards.min_size)
   eval_step = training.make_eval_step(fmodel)
   recalibrate = jax.jit(fmodel.recalibrate)
   key = jax.random.key(config.seed)
   step = int(state["step"])
   saved_step = step if restored is not None else None
-  tensorboard = report.tensorboard_writer(workdir)
+  tensorboard = report.tensorboard_writer(workdir) if primary else None
   start_time = time.perf_counter()
 
   def wall_seconds():
@@ -499,7 +690,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   def recalibrated(state):
     if config.recalibrate_batches and jax.tree.leaves(state["model_state"]):
       calib = task.calibration_inputs(sources, config, config.recalibrate_batches)
-      return recalibrate(state["params"], state["model_state"], jnp.asarray(calib), state["ranks"])
+      return recalibrate(state["params"], state["model_state"], shards.put_stacked(calib), state["ranks"])
     return state["model_state"]
 
   def evaluate(state, eval_state, *, periodic: bool) -> dict[str, float]:
@@ -535,6 +726,13 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
       raise NonFiniteLossError(f"loss is {loss} at step {step}; stopped. {newest_finite()}")
     return loss
 
+  def poll_signal():
+    """A signal to stop on: checked every step with one process; with several, every ``log_every_steps``
+    steps, since agreeing on it waits for the step to finish on every host."""
+    if jax.process_count() > 1 and step % config.log_every_steps:
+      return None
+    return _agreed_signal()
+
   def stop(signum):
     """Saves (once) and raises Interrupted with where to resume from."""
     name = interrupt.signal.Signals(signum).name
@@ -550,13 +748,13 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
     try:
       last_plot = -PLOT_EVERY_SECONDS
       for epoch in range(step // steps_per_epoch, config.epochs):
-        if interrupt.requested():
-          stop(interrupt.requested())
+        if signum := _agreed_signal():
+          stop(signum)
         epoch_start = time.perf_counter()
         start_batch = step % steps_per_epoch
         stream = task.train_batches(sources, config, epoch, start_batch)
         bar = tqdm(stream, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+                   disable=not progress or not primary, leave=False, dynamic_ncols=True)
         metrics = None
         for batch in bar:
           state, metrics = train_step(state, shards.put_batch(batch), jax.random.fold_in(key, step))
@@ -569,10 +767,10 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
           if step % config.checkpoint_every_steps == 0:
             check_finite(metrics, step)
             save(step)
-          if interrupt.requested():
+          if signum := poll_signal():
             bar.close()
             check_finite(metrics, step)
-            stop(interrupt.requested())
+            stop(signum)
         bar.close()
         jax.block_until_ready(state)
         if metrics is not None:
@@ -581,10 +779,10 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
 
         old_ranks = _host_ranks(state)
         if config.shrink and config.factorized:
-          ranks = maestro_jax.ranks_from_importance(jax.device_get(state["params"]), config.shrink_threshold,
+          ranks = maestro_jax.ranks_from_importance(host_copy(state["params"]), config.shrink_threshold,
                                                     old_ranks)
           if ranks != old_ranks:  # Only then is the whole state (optimizer included) brought to the host.
-            host = jax.device_get(state)
+            host = host_copy(state)
             params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
                                                       opt_state=host["opt_state"], optimizer=optimizer,
                                                       min_saving=config.reslice_min_saving)
@@ -592,7 +790,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
                                           ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
 
         evaluated = evaluate(state, recalibrated(state), periodic=True)
-        size = report.sizes(state["params"], _host_ranks(state), positions)
+        size = report.sizes(host_copy(state["params"]), _host_ranks(state), positions)
         record = {"epoch": epoch + 1, "step": step, "train_loss": float(metrics["loss"]),
                   "train_task_loss": float(metrics["task_loss"]), "penalty": float(metrics["penalty"]),
                   **evaluated, "ranks": _host_ranks(state), "params": size.params_merged, "macs": size.macs_merged,
@@ -602,23 +800,26 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
         # resume rewrites metrics.jsonl from the restored checkpoint, so neither exists without the other.
         save(step)
         manager.wait_until_finished()
-        workdir_lib.append_record(workdir, record)
-        report.log_record(tensorboard, record)
-        if epoch + 1 == config.epochs or time.monotonic() - last_plot >= PLOT_EVERY_SECONDS:
-          report.plot_history(history, initial_caps, workdir, task.headline)
-          last_plot = time.monotonic()
-        print(f"epoch {epoch + 1}: {task.describe(evaluated, task.eval_split)}, "
-              f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
+        if primary:
+          workdir_lib.append_record(workdir, record)
+          report.log_record(tensorboard, record)
+          if epoch + 1 == config.epochs or time.monotonic() - last_plot >= PLOT_EVERY_SECONDS:
+            report.plot_history(history, initial_caps, workdir, task.headline)
+            last_plot = time.monotonic()
+          print(f"epoch {epoch + 1}: {task.describe(evaluated, task.eval_split)}, "
+                f"params {size.params_merged:,}, MACs {size.macs_merged:,}, {train_seconds:.1f}s")
 
       ranks = _host_ranks(state)
       final = dict(history[-1]) if history else {}
       if config.task == "language_modeling" and config.eval_max_windows and history:
         # Epochs scored a prefix of the held-out text; the run's result is the whole of it.
         final.update(evaluate(state, recalibrated(state), periodic=False))
-        print(f"full {task.describe(final, task.eval_split)}")
-      summary = report.summary(config, report.sizes(state["params"], ranks, positions), full_size, history,
-                               initial_caps, ranks, wall_seconds=wall_seconds(), final_metrics=final)
-      report.write_summary(summary, workdir)
+        if primary:
+          print(f"full {task.describe(final, task.eval_split)}")
+      summary = report.summary(config, report.sizes(host_copy(state["params"]), ranks, positions), full_size,
+                               history, initial_caps, ranks, wall_seconds=wall_seconds(), final_metrics=final)
+      if primary:
+        report.write_summary(summary, workdir)
     finally:
       if tensorboard is not None:
         tensorboard.close()
