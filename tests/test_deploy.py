@@ -169,3 +169,27 @@ def test_export_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys)
     assert message == f"maestro-export: error: {flag} must be >= {0 if flag == '--min-rank' else 1}, got {value}"
   _error(deploy.export_cli, ["--checkpoint", str(tmp_path), "--budget-macs", "100", "--step", "0", "--debug"])
   assert "Traceback" in capsys.readouterr().err
+
+
+def test_export_merges_by_measured_latency_by_default(workdir, tmp_path, monkeypatch):
+  from maestro_jax import export as export_lib
+  timed = {}
+
+  def chosen_by_timing(module, input_shape, ranks, *, batch_size):
+    timed.update(input_shape=tuple(input_shape), batch_size=batch_size)
+    return ["layers.1"]
+
+  monkeypatch.setattr(export_lib, "dense_by_latency", chosen_by_timing)
+  common = ["--checkpoint", str(workdir), "--fraction", "1", "--latency-runs", "2", "--latency-batch", "16"]
+  report = deploy.export_cli(common + ["--out", str(tmp_path / "latency")])
+  assert report["merge_rule"] == "latency" and timed == {"input_shape": (8, 8, 1), "batch_size": 16}
+  # Exactly the timed choice: layers.1 one dense kernel, every other layer factors, whatever the size rule says.
+  assert {name: layer["form"] for name, layer in report["layers"].items()} == {
+      name: "dense" if name == "layers.1" else "factorized" for name in report["layers"]}
+  by_size = deploy.export_cli(common + ["--out", str(tmp_path / "size"), "--merge", "size"])
+  assert by_size["merge_rule"] == "size"
+  budgeted = deploy.export_cli(common[:2] + ["--budget-params", "2000", "--out", str(tmp_path / "budget"),
+                                             "--latency-runs", "2", "--calibration-size", "64"])
+  assert budgeted["merge_rule"].startswith("size (a parameter or MAC budget")
+  assert by_size["layers"] == export_lib.layer_forms(export_lib.export(
+      train_lib.load_run(workdir).state["params"], by_size["ranks"]))

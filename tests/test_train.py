@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**changes) -> config_lib.Config:
-  """Digits, a one-hidden-layer MLP, 2 epochs of 22 steps, a lasso strong enough to shrink."""
+  """Digits, a one-hidden-layer MLP, 2 epochs of 22 steps, a lasso strong enough to shrink, every cut resliced."""
   base = config_lib.load("digits_mlp")
   fields = dict(model_kwargs={"hidden": (32,)}, epochs=2, batch_size=64, learning_rate=0.1, lasso=1e-2,
-                shrink_threshold=5e-2, rank_quantum=1, checkpoint_every_steps=5, log_every_steps=5, eval_batch_size=128)
+                shrink_threshold=5e-2, rank_quantum=1, reslice_min_saving=0.0, checkpoint_every_steps=5,
+                log_every_steps=5, eval_batch_size=128)
   fields.update(changes)
   return dataclasses.replace(base, **fields).validate()
 
@@ -89,6 +90,15 @@ def test_restore_after_shrink_reads_saved_shapes(tmp_path):
   assert caps == run.ranks  # rank_quantum=1: capacity is the rank
   momentum = run.state["opt_state"][1][0].trace
   assert momentum["layers"][0]["a"].shape == run.state["params"]["layers"][0]["a"].shape
+
+
+def test_small_cuts_keep_the_shapes_and_zero_the_cut_components(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(reslice_min_saving=0.99), tmp_path, progress=False)
+  run = train_lib.load_run(tmp_path)
+  a = np.asarray(run.state["params"]["layers"][0]["a"])
+  rank = run.ranks["layers.0"]
+  assert rank < a.shape[-1] == 32  # the rank shrank, the shape did not (the cut frees under 99%)
+  assert np.all(a[:, rank:] == 0) and np.any(a[:, :rank] != 0)
 
 
 @pytest.mark.parametrize("quantum", [1, 64])

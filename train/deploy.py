@@ -31,6 +31,7 @@ import numpy as np
 import maestro_jax
 from maestro_jax import accounting
 from maestro_jax import export as export_lib
+from maestro_jax import functional
 from maestro_jax import sweep as sweep_lib
 from maestro_jax import training
 from . import modeling
@@ -78,8 +79,6 @@ def _has_state(model_state: Any) -> bool:
 
 def _calibration_images(run, count: int) -> np.ndarray | None:
   """``(count, B, ...)`` unaugmented training images for BatchNorm, or None when the model has no statistics."""
-  from . import train as train_lib
-
   if count < 1 or not _has_state(run.state["model_state"]):
     return None
   return run.task.calibration_inputs(run.sources, run.config, count)
@@ -441,6 +440,7 @@ def _report_md(r: Mapping[str, Any]) -> str:
     form = r["layers"][name]["form"]
     deployed = "one dense kernel" if form == "dense" else "factors"
     lines.append(f"| {name} | {rank}/{r['capacities'][name]} | {deployed} |")
+  lines += ["", f"Layers kept factorized or merged by the {r.get('merge_rule', 'size')} rule."]
   lines += ["", f"Inference latency on {lat['backend']} ({lat['device']}), batch of {lat['batch_size']}, median of "
             f"{lat['runs']} runs after warm-up: exported {1e3 * lat['exported_s']:.3f} ms, all-dense "
             f"{1e3 * lat['dense_s']:.3f} ms, speed-up {lat['speedup']:.2f}x (dense / exported)."]
@@ -454,6 +454,28 @@ def _report_md(r: Mapping[str, Any]) -> str:
     lines += ["", f"Sample of {len(smp['text'])} characters from the exported model (seed {smp['seed']}, temperature "
               f"{smp['temperature']}, prompt {smp['prompt']!r}):", "", "```", smp["prompt"] + smp["text"], "```"]
   return "\n".join(lines) + "\n"
+
+
+def _merge_decision(merge: str, budgeted: bool, run, params, model_state, ranks, x) -> tuple[str, dict[str, Any]]:
+  """``(rule applied, export keyword arguments)`` for ``--merge``.
+
+  ``latency`` times each layer's factors against its merged kernel on this backend
+  (:func:`maestro_jax.export.dense_by_latency`, at the latency batch size; the
+  size rule where the times are too close to tell); it needs an NNX model and a
+  float input. A parameter or MAC budget is a size contract, so a budgeted
+  export keeps the size rule, as do models that cannot be timed.
+  """
+  if merge == "latency":
+    nnx_model = isinstance(run.model, functional.FunctionalModel)
+    if budgeted:
+      return "size (a parameter or MAC budget is met by the size rule)", {"merge": "auto"}
+    if nnx_model and jnp.issubdtype(x.dtype, jnp.floating):
+      module = run.model.to_module(params, model_state)
+      dense = export_lib.dense_by_latency(module, x.shape[1:], ranks, batch_size=int(x.shape[0]))
+      return "latency", {"merge": "none", "dense": dense}
+    reason = "token inputs" if nnx_model else "a Linen model"
+    return f"size (latency timing does not apply to {reason})", {"merge": "auto"}
+  return "size", {"merge": "auto"}
 
 
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -519,7 +541,10 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
   trained_keeps = {k: jnp.asarray(v, jnp.int32) for k, v in trained.items()}
   before_state = recalibrated(run.model, params, model_state, trained_keeps)
   before_scores = scored(run.model, params, before_state, trained)
-  efm, eparams, estate = export_lib.export_functional(run.model, params, model_state, ranks)
+  latency_batches = run.task.eval_batches(run.sources.evaluation, run.config, args.latency_batch)
+  x = jnp.asarray(next(iter(latency_batches))["image"])
+  merge_rule, merge_kwargs = _merge_decision(args.merge, greedy is not None, run, params, model_state, ranks, x)
+  efm, eparams, estate = export_lib.export_functional(run.model, params, model_state, ranks, **merge_kwargs)
   estate = recalibrated(efm, eparams, estate)
   after_scores = scored(efm, eparams, estate)
   dfm, dparams, dstate = export_lib.export_functional(run.model, params, model_state, trained, merge="all")
@@ -529,8 +554,6 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
   host = jax.device_get(params)
   before = accounting.count(host, trained, run.positions)
   after = accounting.count(jax.device_get(eparams), None, run.positions)
-  latency_batches = run.task.eval_batches(run.sources.evaluation, run.config, args.latency_batch)
-  x = jnp.asarray(next(iter(latency_batches))["image"])
   exported_s = _latency(efm, eparams, estate, x, args.latency_runs)
   dense_s = _latency(dfm, dparams, dstate, x, args.latency_runs)
   device = jax.devices()[0]
@@ -538,7 +561,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
       "checkpoint": str(args.checkpoint), "dataset": run.config.dataset, "model": _model_spec(run),
       "split": run.task.eval_split, "macs_per": "token" if lm else "example",
       "ranks_from": ranks_from, "ranks": ranks, "trained_ranks": trained, "capacities": caps,
-      "layers": export_lib.layer_forms(jax.device_get(eparams)),
+      "layers": export_lib.layer_forms(jax.device_get(eparams)), "merge_rule": merge_rule,
       "before": {"params": before.params_merged, "macs": before.macs_merged, **before_scores},
       "after": {"params": after.params_merged, "macs": after.macs_merged, **after_scores},
       "dense": {"params": before.params_dense, "macs": before.macs_dense, **dense_scores},
@@ -582,6 +605,9 @@ def export_parser() -> argparse.ArgumentParser:
                  help="training examples (tokens for a language model) in the calibration batch")
   p.add_argument("--chunk-size", type=int, help="evaluate greedy candidates in chunks of this size")
   p.add_argument("--latency-batch", type=int, default=64, help="batch size of the latency measurement")
+  p.add_argument("--merge", choices=("latency", "size"), default="latency",
+                 help="keep a layer factorized or merge it into one dense kernel by its measured latency on this "
+                      "backend (default), or by the size rule (d_in + d_out) r >= d_in d_out")
   p.add_argument("--latency-runs", type=int, default=20, help="timed runs (the median is reported)")
   p.add_argument("--sample", type=int, default=0, metavar="N",
                  help="language models: generate N characters with the exported model (in report.md and report.json)")
