@@ -6,7 +6,6 @@ replaced), so its choices are checked exactly and no wall clock is involved.
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 import maestro_jax as mj

@@ -17,7 +17,6 @@ import pytest
 
 from maestro_jax import functional
 from maestro_jax import training
-from maestro_train import config as config_lib
 from maestro_train import deploy
 from maestro_train import main as main_lib
 from maestro_train import train as train_lib
