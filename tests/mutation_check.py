@@ -95,7 +95,7 @@ PLANTS = (
           "maestro_jax/export.py", "rank = min(r for r, t in times.items() if t <= fastest * (1.0 + tolerance))",
           "rank = max(r for r, t in times.items() if t <= fastest * (1.0 + tolerance))", T_DECISIONS),
     Plant("runner_skips_recalibration", "the runner skips BatchNorm recalibration before evaluation", RUNNER,
-          "if config.recalibrate_batches and jax.tree.leaves(eval_state):", "if False:",
+          "if config.recalibrate_batches and jax.tree.leaves(state[\"model_state\"]):", "if False:",
           ("tests/test_runner_batchnorm.py",)),
     Plant("compare_maestro_distills", 'maestro-compare runs Maestro with loss="distill"', COMPARE,
           '"maestro": dataclasses.replace(base, sampler="single_layer", loss="maestro",',
