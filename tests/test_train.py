@@ -196,3 +196,20 @@ def test_tfds_dataset_trains_under_mock_data(tmp_path, dataset):
   with tfds.testing.mock_data(num_examples=64):
     summary = train_lib.train_and_evaluate(config, tmp_path, progress=False)
   assert summary["epochs"] == 1 and summary["ranks"]["fc1"][1] == 120
+
+
+def test_cli_turns_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  try:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    main_lib.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "maestro_train" / "xla")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.2
+    jax.config.update("jax_compilation_cache_dir", saved["jax_compilation_cache_dir"])
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # the user's setting wins, even "no cache"
+    main_lib.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == saved["jax_compilation_cache_dir"]
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
