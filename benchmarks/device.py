@@ -144,10 +144,10 @@ def lenet_end_to_end(small: bool) -> dict[str, Any]:
   """The real runner, LeNet-5 on MNIST (``--small``: one digits epoch): wall seconds and the summary."""
   from maestro_train import config as config_lib  # pylint: disable=import-outside-toplevel
   from maestro_train import train as train_lib  # pylint: disable=import-outside-toplevel
-  from maestro_jax import data  # pylint: disable=import-outside-toplevel
+  from maestro_train import layout  # pylint: disable=import-outside-toplevel
   if small:
     config = config_lib.override(config_lib.load("digits_mlp"), ["epochs=1"])
-  elif data.default_idx_dir("mnist") is None:
+  elif layout.find_idx_dir("mnist") is None:
     return {"skipped": "the MNIST IDX files are not beside the repository"}
   else:
     config = config_lib.load("mnist_lenet")

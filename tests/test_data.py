@@ -9,6 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from maestro_jax import data
+from maestro_train import layout
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ONE_HOST = {"process_index": 0, "process_count": 1}
@@ -164,7 +165,7 @@ def test_real_idx_files(name):
   folder = SHARED_DATA / name
   if not data.has_idx_files(folder):
     pytest.skip(f"no IDX files at {folder} (optional shared data)")
-  assert data.default_idx_dir(name) is not None
+  assert layout.find_idx_dir(name) is not None
   train = data.load(name, "train", idx_dir=folder)
   test = data.load(name, "test", idx_dir=folder)
   assert (len(train), len(test)) == (60000, 10000)
@@ -175,6 +176,23 @@ def test_real_idx_files(name):
   mean, std = data.pixel_stats(train.images)
   np.testing.assert_allclose(mean, train.mean, atol=1e-4)
   np.testing.assert_allclose(std, train.std, atol=1e-4)
+
+
+def test_runner_finds_idx_folders_in_or_beside_the_repository(tmp_path, monkeypatch):
+  # The search is the runner's (idx_dir='auto'); the library only reads folders it is given.
+  assert not hasattr(data, "default_idx_dir")
+  repo = tmp_path / "repo"
+  monkeypatch.setattr(layout, "REPO", repo)
+  assert layout.find_idx_dir("mnist") is None
+  beside = tmp_path / "shared" / "data" / "mnist"
+  beside.mkdir(parents=True)
+  _write_idx_folder(beside, gz=True, rng=np.random.default_rng(0))
+  assert layout.find_idx_dir("mnist") == beside
+  inside = repo / "shared" / "data" / "mnist"
+  inside.mkdir(parents=True)
+  _write_idx_folder(inside, gz=False, rng=np.random.default_rng(1))
+  assert layout.find_idx_dir("mnist") == inside  # The repository's own folder comes first.
+  assert layout.find_idx_dir("fashion_mnist") is None and layout.find_idx_dir("digits") is None
 
 
 def test_digits_split_is_reproducible_and_disjoint():

@@ -72,6 +72,7 @@ from maestro_jax import nnx as mnx  # noqa: E402
 from maestro_jax import sweep as sweep_lib  # noqa: E402
 from maestro_jax import training  # noqa: E402
 from . import config as config_lib  # noqa: E402
+from . import layout  # noqa: E402
 from . import report  # noqa: E402
 from . import train as train_lib  # noqa: E402
 
@@ -144,7 +145,7 @@ def _missing_data_message(dataset: str, detail: str) -> str:
 def _idx_source(dataset: str, idx_root: str | None) -> Path | None:
   if idx_root is not None:
     return Path(idx_root) / dataset
-  return data_lib.default_idx_dir(dataset)
+  return layout.find_idx_dir(dataset)
 
 
 def make_settings(datasets: Sequence[str], *, epochs: int, small: bool, out: Path, idx_root: str | None = None,

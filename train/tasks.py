@@ -79,7 +79,8 @@ class Classification:
     from maestro_jax import data as data_lib
     idx_dir = config.idx_dir
     if idx_dir == "auto":
-      idx_dir = data_lib.default_idx_dir(config.dataset)
+      from maestro_train import layout  # pylint: disable=import-outside-toplevel
+      idx_dir = layout.find_idx_dir(config.dataset)
     kw = dict(data_dir=config.data_dir, download=config.download, idx_dir=idx_dir)
     train, test = data_lib.load(config.dataset, "train", **kw), data_lib.load(config.dataset, "test", **kw)
     return Sources(train, test, test, {"num_classes": int(train.num_classes),

@@ -18,8 +18,8 @@ Sources
     ``'fashion_mnist'``) reads the original ``train-images-idx3-ubyte``,
     ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
     ``t10k-labels-idx1-ubyte`` files (each gzipped or not) from ``DIR`` instead
-    of going through tfds. ``default_idx_dir(name)`` finds such a folder under
-    a ``shared/data`` directory next to the repository, if there is one.
+    of going through tfds. The folder is always given: finding one on the
+    machine (the runner's ``idx_dir='auto'``) is the runner's job.
 
 Pixel format
   Every source holds ``uint8`` images in ``[0, 255]``, shaped ``(H, W, C)``
@@ -69,7 +69,6 @@ from maestro_jax.data.sources import Source
 from maestro_jax.data.sources import pixel_stats
 from maestro_jax.data.sources import load
 from maestro_jax.data.sources import stratified_split
-from maestro_jax.data.sources import default_idx_dir
 from maestro_jax.data.loader import grain_loader
 
 __all__ = [
@@ -82,7 +81,6 @@ __all__ = [
     "pixel_stats",
     "load",
     "stratified_split",
-    "default_idx_dir",
     "IDX_FILES",
     "read_idx",
     "read_maybe_gzipped",

@@ -8,13 +8,11 @@ import dataclasses
 import importlib.util
 import operator
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-from maestro_jax.data.idx import has_idx_files
 from maestro_jax.data.idx import load_idx_split
 
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -356,27 +354,3 @@ def _load_digits(split: str) -> Source:
       images=images[idx],
       labels=labels[idx],
   )
-
-
-def default_idx_dir(name: str) -> Path | None:
-  """The folder ``shared/data/<name>`` near the repository if it holds the IDX files, else None.
-
-  Looks in ``<repo>/shared/data/<name>`` and then ``<repo>/../shared/data/<name>``,
-  where ``<repo>`` is the folder that contains the ``maestro_jax`` package.
-
-  Args:
-    name: ``'mnist'`` or ``'fashion_mnist'``.
-
-  Returns:
-    The first candidate that holds all four IDX files, or None.
-  """
-  if name not in IDX_DATASETS:
-    return None
-  repo = Path(__file__).resolve().parents[2]  # <repo>/maestro_jax/data/sources.py
-  for root in (repo, repo.parent):
-    candidate = root / "shared" / "data" / name
-    if has_idx_files(candidate):
-      return candidate
-  return None
-
-
