@@ -21,8 +21,8 @@ Sources
     tail fractions of the concatenated text. The vocabulary is built from the
     training split only (or given, e.g. loaded from a run's folder).
   * :func:`load_shakespeare` reads the offline folder of 42 works
-    (``shared/data/shakespeare``, found by :func:`default_shakespeare_dir` or
-    given) and holds out whole works: :data:`SHAKESPEARE_VALIDATION` and
+    (``shared/data/shakespeare``; the runner finds it beside a checkout) and
+    holds out whole works: :data:`SHAKESPEARE_VALIDATION` and
     :data:`SHAKESPEARE_TEST`.
   * :func:`load_tfds` reads a prepared tfds text dataset (e.g.
     ``'tiny_shakespeare'``) through ``tfds.data_source``; it never downloads.
@@ -67,7 +67,7 @@ import numpy as np
 from maestro_jax import data
 
 __all__ = ["CharVocab", "TextSource", "SPLITS", "UNKNOWN", "SHAKESPEARE_VALIDATION", "SHAKESPEARE_TEST",
-           "read_text", "read_documents", "load_text", "load_shakespeare", "default_shakespeare_dir", "load_tfds",
+           "read_text", "read_documents", "load_text", "load_shakespeare", "load_tfds",
            "num_train_batches", "train_batches", "train_stream", "num_eval_windows", "eval_batches"]
 
 SPLITS = ("train", "validation", "test")
@@ -382,42 +382,19 @@ def load_text(path: str | os.PathLike | Mapping[str, str], *, validation: Sequen
   return {split: TextSource.from_documents(parts[split], vocab, name=name, split=split) for split in SPLITS}
 
 
-def default_shakespeare_dir() -> Path | None:
-  """The folder ``shared/data/shakespeare`` near the repository if it holds text files, else None.
-
-  Looks in ``<repo>/shared/data/shakespeare`` and then
-  ``<repo>/../shared/data/shakespeare``, where ``<repo>`` is the folder that
-  contains the ``maestro_jax`` package (as :func:`maestro_jax.data.default_idx_dir`).
-  """
-  repo = Path(__file__).resolve().parents[1]
-  for root in (repo, repo.parent):
-    candidate = root / "shared" / "data" / "shakespeare"
-    if candidate.is_dir() and any(p.name.endswith(_SUFFIXES) for p in candidate.iterdir()):
-      return candidate
-  return None
-
-
-def load_shakespeare(directory: str | os.PathLike | None = None, *, vocab: CharVocab | None = None,
+def load_shakespeare(directory: str | os.PathLike, *, vocab: CharVocab | None = None,
                      unknown: str | None = UNKNOWN) -> dict[str, TextSource]:
   """Shakespeare's works with whole works held out: :data:`SHAKESPEARE_VALIDATION` and :data:`SHAKESPEARE_TEST`.
 
   Args:
-    directory: the folder of ``<work>.txt.gz`` files (default:
-      :func:`default_shakespeare_dir`).
+    directory: the folder of ``<work>.txt.gz`` files (the runner finds the
+      offline copy beside a checkout: ``maestro_train.layout.find_text_dir``).
     vocab: the vocabulary; default: built from the training works.
     unknown: the unknown marker of a built vocabulary.
 
   Returns:
     ``{'train', 'validation', 'test'}`` sources named ``'shakespeare'``.
-
-  Raises:
-    FileNotFoundError: no folder given and none found.
   """
-  if directory is None:
-    directory = default_shakespeare_dir()
-    if directory is None:
-      raise FileNotFoundError("the Shakespeare folder (shared/data/shakespeare next to the repository) was not "
-                              "found; pass its path, or use load_text(path) for any other text")
   return load_text(directory, validation=SHAKESPEARE_VALIDATION, test=SHAKESPEARE_TEST, vocab=vocab,
                    unknown=unknown, name="shakespeare")
 

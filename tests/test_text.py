@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from maestro_jax import text
+from maestro_train import layout
 
 ONE_HOST = dict(process_index=0, process_count=1)
 
@@ -111,16 +112,16 @@ def test_single_file_split_by_fraction(tmp_path):
   assert len(splits["validation"]) == round(0.1 * len(body)) and len(splits["test"]) == round(0.2 * len(body))
 
 
-@pytest.mark.skipif(text.default_shakespeare_dir() is None, reason="the offline Shakespeare folder is absent")
+@pytest.mark.skipif(layout.find_text_dir("shakespeare") is None, reason="the offline Shakespeare folder is absent")
 def test_shakespeare_holds_out_whole_works():
-  splits = text.load_shakespeare()
+  splits = text.load_shakespeare(layout.find_text_dir("shakespeare"))
   train, validation, test = (splits[s] for s in text.SPLITS)
   assert validation.documents == text.SHAKESPEARE_VALIDATION and test.documents == text.SHAKESPEARE_TEST
   assert len(train.documents) + len(validation.documents) + len(test.documents) == 42
   assert not set(train.documents) & (set(validation.documents) | set(test.documents))
   assert train.tokens.dtype == np.uint8 and len(train) > 4_000_000
   assert 60 <= train.vocab.size <= 100
-  assert text.read_text(text.default_shakespeare_dir() / "macbeth.txt.gz")[:2000] == test.text(0, 2000)
+  assert text.read_text(layout.find_text_dir("shakespeare") / "macbeth.txt.gz")[:2000] == test.text(0, 2000)
 
 
 def test_tfds_text_dataset_under_mock_data():

@@ -21,6 +21,20 @@ def data_roots() -> tuple[Path, Path]:
   return REPO / "shared" / "data", REPO.parent / "shared" / "data"
 
 
+def find_text_dir(name: str) -> Path | None:
+  """The folder ``shared/data/<name>`` (e.g. ``shakespeare``) in or beside the repository if it holds text files.
+
+  Returns:
+    The first of :func:`data_roots` whose ``<name>`` folder holds ``.txt`` or
+    ``.txt.gz`` files, or None.
+  """
+  for root in data_roots():
+    folder = root / name
+    if folder.is_dir() and any(p.name.endswith((".txt", ".txt.gz")) for p in folder.iterdir()):
+      return folder
+  return None
+
+
 def find_idx_dir(name: str) -> Path | None:
   """The folder ``shared/data/<name>`` in or beside the repository if it holds the IDX files, else None.
 

@@ -169,7 +169,12 @@ class LanguageModeling:
     if workdir is not None and (Path(workdir) / VOCAB_FILE).exists():
       vocab = text.CharVocab.load(Path(workdir) / VOCAB_FILE)
     if config.dataset == "shakespeare":
-      splits = text.load_shakespeare(config.data_dir, vocab=vocab)
+      from maestro_train import layout  # pylint: disable=import-outside-toplevel
+      directory = config.data_dir or layout.find_text_dir("shakespeare")
+      if directory is None:
+        raise FileNotFoundError("the Shakespeare folder (shared/data/shakespeare next to the repository) was not "
+                                "found; set data_dir to it, or use dataset='text' with data_dir for any other text")
+      splits = text.load_shakespeare(directory, vocab=vocab)
     else:
       if not config.data_dir:
         raise ValueError("config: dataset='text' needs data_dir, a text file or a folder of .txt/.txt.gz files")
