@@ -242,3 +242,12 @@ def test_markdown_states_every_run_config(tmp_path):
     for key in ("loss", "sampler", "lasso", "shrink", "factorized", "epochs", "weight_decay", "frobenius_decay"):
       assert stated[key] == compare._format_value(as_dict[run][key]), (label, key)  # pylint: disable=protected-access
   assert "`loss=maestro`" in rows["Maestro"] and "`sampler=single_layer`" in rows["Maestro"]
+
+
+def test_reports_name_paths_from_the_repository():
+  repo = compare.layout.REPO
+  assert compare.repo_relative(repo / "shared" / "data" / "mnist") == "shared/data/mnist"
+  assert compare.repo_relative(repo.parent / "shared" / "data" / "mnist") == "../shared/data/mnist"
+  assert compare.repo_relative("/far/away/runs/mnist/warmup") == "…/mnist/warmup"
+  assert compare.repo_relative("runs/a") == "runs/a"
+  assert compare._format_value(str(repo / "x")) == "x"  # pylint: disable=protected-access

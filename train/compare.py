@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -198,7 +199,7 @@ def make_settings(datasets: Sequence[str], *, epochs: int, small: bool, out: Pat
                   "no IDX files in shared/data/" + name + " beside the repository")
         raise DataMissingError(_missing_data_message(name, detail))
       base = dataclasses.replace(base, idx_dir=str(source))
-      where = f"IDX files in {source}"
+      where = f"IDX files in {repo_relative(source)}"
     description = f"LeNet-5, {epochs} epochs, batch 128 ({where})"
     if small:
       if base.idx_dir is None:
@@ -279,9 +280,20 @@ def _config_dict(config: config_lib.Config) -> dict:
 BOOKKEEPING_FIELDS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "download")
 
 
+def repo_relative(path: str | Path) -> str:
+  """An absolute path as seen from the repository root (its last two parts when far outside), so that committed
+  reports name no machine's folders."""
+  if not os.path.isabs(path):
+    return str(path)
+  relative = os.path.relpath(path, layout.REPO)
+  return relative if not relative.startswith(os.path.join("..", "..")) else os.path.join("…", *Path(path).parts[-2:])
+
+
 def _format_value(value: Any) -> str:
-  """As a ``maestro-train`` override would spell it (Python literals, bare strings)."""
-  return f"{value:g}" if isinstance(value, float) else value if isinstance(value, str) else repr(value)
+  """As a ``maestro-train`` override would spell it (Python literals, bare strings; paths from the repository)."""
+  if isinstance(value, str):
+    return repo_relative(value) if os.path.isabs(value) else value
+  return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def config_changes(config: dict, base: dict) -> str:
