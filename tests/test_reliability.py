@@ -28,8 +28,8 @@ from test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ["model_kwargs={'hidden': (32,)}", "batch_size=64", "learning_rate=0.1", "lasso=1e-2",
-                  "shrink_threshold=5e-2", "rank_quantum=1", "checkpoint_every_steps=5", "log_every_steps=5",
-                  "eval_batch_size=128"]
+                  "shrink_threshold=5e-2", "rank_quantum=1", "reslice_min_saving=0.0", "checkpoint_every_steps=5",
+                  "log_every_steps=5", "eval_batch_size=128"]
 
 
 def _cli_error(argv, capsys=None) -> str:

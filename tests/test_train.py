@@ -198,11 +198,14 @@ def test_tfds_dataset_trains_under_mock_data(tmp_path, dataset):
   assert summary["epochs"] == 1 and summary["ranks"]["fc1"][1] == 120
 
 
-def test_cli_turns_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
+def test_cli_turns_on_the_persistent_compilation_cache_off_cpu(tmp_path, monkeypatch):
   saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
   try:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    main_lib.use_compilation_cache()  # this CPU: no cache
+    assert jax.config.jax_compilation_cache_dir == saved["jax_compilation_cache_dir"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     main_lib.use_compilation_cache()
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "maestro_train" / "xla")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.2

@@ -81,14 +81,18 @@ def cli(argv=None) -> None:
 
 
 def use_compilation_cache() -> None:
-  """Turns on JAX's persistent compilation cache, so that a second run starts with its programs compiled.
+  """On a GPU or TPU, turns on JAX's persistent compilation cache: a second run starts with its programs compiled.
 
   The cache lives in ``$XDG_CACHE_HOME/maestro_train/xla`` (``~/.cache/...``);
-  setting ``JAX_COMPILATION_CACHE_DIR`` (empty: no cache) overrides it.
+  setting ``JAX_COMPILATION_CACHE_DIR`` (empty: no cache) overrides it, on any
+  backend. Not by default on a CPU: jaxlib logs a false machine-feature mismatch
+  at error level for every executable it loads from the cache there.
   """
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu":
+    return
   cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maestro_train" / "xla"
   jax.config.update("jax_compilation_cache_dir", str(cache))
   # The runner's programs compile in 0.2-2 s on a CPU; JAX's default (1 s) would skip most of them.
