@@ -136,7 +136,7 @@ def render(figures: Mapping[str, Any]) -> str:
   pct = f"{100 * HEADLINE_FRACTION:.0f}%"
   lines += [row("dense twin", dense), row("Maestro, trained ranks (full rank)", full),
             row(f"Maestro, greedy search to {pct} of its parameters", f["maestro_half"]),
-            row(f"post-hoc SVD of the dense twin, greedy ranks, same budget", f["svd_greedy_half"]),
+            row("post-hoc SVD of the dense twin, greedy ranks, same budget", f["svd_greedy_half"]),
             row(f"post-hoc SVD of the dense twin, every layer the same share "
                 f"({100 * f['svd_uniform_half']['fraction']:.1f}% of its rank), same budget", f["svd_uniform_half"]),
             "", f"The {pct} budget is {_n(f['half_budget'])} parameters, {pct} of Maestro's trained size of "
