@@ -53,7 +53,8 @@ class Settings:
     compile_epochs: epochs of the compile-count runs.
     compile_hidden: hidden widths of their MLP.
     compile_quanta: rank quanta tried.
-    aux_models: models of the ordered-dropout and freezing benchmarks.
+    aux_models: the MNIST-shape models of the step, ordered-dropout, freezing
+      and export-latency benchmarks (the small mode's smoke test needs one).
     e2e_full: run real LeNet/MNIST for 2 epochs (else a subset).
   """
 

@@ -164,7 +164,7 @@ def bench_export_latency(s: Settings) -> dict[str, Any]:
                  "dense twin (factorized=False) forward pass, same batch",
                  ["model", "batch", "rank fraction", "merged layers", "median us", "time ratio", "FLOP ratio"])
   fractions = (1.0, 0.5, 0.25, 0.1)
-  for name in ("mlp", "lenet5"):
+  for name in s.aux_models:
     dense_fm, dense_params, dense_state = build(name, MNIST_SHAPE, factorized=False)
     fmodel, params, model_state = build(name, MNIST_SHAPE, factorized=True)
     exported = {}

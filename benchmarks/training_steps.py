@@ -34,8 +34,8 @@ from benchmarks.common import build, fraction_ranks, ms, paper_optimizer, random
 
 
 def _step_models(s: Settings) -> list[dict[str, Any]]:
-  specs = [dict(name="mlp", shape=MNIST_SHAPE, batch=s.batch, kwargs={}, rounds=s.rounds, inner=s.inner),
-           dict(name="lenet5", shape=MNIST_SHAPE, batch=s.batch, kwargs={}, rounds=s.rounds, inner=s.inner)]
+  specs = [dict(name=name, shape=MNIST_SHAPE, batch=s.batch, kwargs={}, rounds=s.rounds, inner=s.inner)
+           for name in s.aux_models]
   if s.big_models:
     for name in ("vgg19", "resnet18"):
       specs.append(dict(name=name, shape=CIFAR_SHAPE, batch=s.big_batch, kwargs={"width": s.big_width},
