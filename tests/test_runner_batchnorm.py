@@ -51,7 +51,7 @@ def test_runner_evaluates_with_recalibrated_batch_norm_statistics(tmp_path, monk
   (used, result), = evaluated
   run = train_lib.load_run(tmp_path)
   trained = jax.device_get(run.state["model_state"])
-  calibration = train_lib._calibration_images(run.train_source, config, 3)  # pylint: disable=protected-access
+  calibration = train_lib.calibration_images(run.train_source, config, 3)
   want = jax.jit(run.model.recalibrate)(run.state["params"], run.state["model_state"], calibration,
                                        run.state["ranks"])
   # The statistics change: the running averages after 22 steps are far from the exact ones ...

@@ -545,7 +545,8 @@ def format_markdown(results: dict[str, Any]) -> str:
       "dense kernel and its kept factors. Wall s and CPU s: wall time and CPU time (all threads) of the "
       "training run(s), including per-epoch evaluation and checkpoints (Pufferfish: warm-up + low-rank phase; "
       "post-hoc SVD: the dense run + the SVDs); wall time grows with whatever else the machine runs, CPU time "
-      "much less, so compare methods by CPU time. A method with several rows: its family of models, all from the one training run. In brackets: "
+      "much less, so compare methods by CPU time. A method with several rows: its family of models, all from the "
+      "one training run. In brackets: "
       "the trained rank of every factorized layer.",
       "",
       "| dataset | method | model | accuracy % | params | MACs | wall s | CPU s |",

@@ -466,9 +466,9 @@ def _merge_decision(merge: str, budgeted: bool, run, params, model_state, ranks,
   export keeps the size rule, as do models that cannot be timed.
   """
   if merge == "latency":
-    nnx_model = isinstance(run.model, functional.FunctionalModel)
     if budgeted:
       return "size (a parameter or MAC budget is met by the size rule)", {"merge": "auto"}
+    nnx_model = isinstance(run.model, functional.FunctionalModel)
     if nnx_model and jnp.issubdtype(x.dtype, jnp.floating):
       module = run.model.to_module(params, model_state)
       dense = export_lib.dense_by_latency(module, x.shape[1:], ranks, batch_size=int(x.shape[0]))

@@ -64,9 +64,10 @@ def cli(argv=None) -> None:
     try:
       config, workdir, args = parse(argv)
       from . import train  # Heavy imports only after the arguments are known to be good.
-      use_compilation_cache()
-      # Before anything asks JAX for devices: the runtime must know about every process first.
+      # Before anything asks JAX for devices (the cache asks for the backend): the runtime must know about every
+      # process first.
       train.initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+      use_compilation_cache()
       train.train_and_evaluate(config, workdir, progress=not args.no_progress, fresh=args.fresh,
                                allow_changes=args.allow_changes)
     except interrupt.Interrupted as e:
@@ -95,7 +96,7 @@ def use_compilation_cache() -> None:
     return
   cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maestro_train" / "xla"
   jax.config.update("jax_compilation_cache_dir", str(cache))
-  # The runner's programs compile in 0.2-2 s on a CPU; JAX's default (1 s) would skip most of them.
+  # Many of the runner's programs (evaluation, small steps) compile in under JAX's default threshold of 1 s.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 

@@ -550,9 +550,6 @@ def calibration_images(source, config: config_lib.Config, count: int) -> np.ndar
   return tasks.get(config.task).calibration_inputs(sources, config, count)
 
 
-_calibration_images = calibration_images  # the former private name, kept for older callers
-
-
 @contextlib.contextmanager
 def single_threaded_blas():
   """Limits OpenBLAS/MKL to one thread while training runs.
