@@ -126,7 +126,22 @@ def _apply_norm(norm, x: Array, train: bool) -> Array:
 
 
 def _max_pool(x: Array, size: int, padding: str = "VALID") -> Array:
-  return nnx.max_pool(x, (size, size), strides=(size, size), padding=padding)
+  """``size x size`` max pooling at stride ``size`` (NHWC), as a reshape and a max.
+
+  The same values as ``nnx.max_pool``; the gradient is a compare and a select, where
+  XLA CPU's ``reduce_window`` gradient (select-and-scatter) took 4.5x as long for
+  LeNet's pools (3.6 vs 0.8 ms a step). Where a window holds tied maxima the
+  gradient is shared between them instead of going to one.
+  """
+  h, w = x.shape[-3:-1]
+  if padding == "VALID":
+    x = x[..., :h // size * size, :w // size * size, :]
+  else:  # 'SAME' at stride = window pads -n % size, the smaller half first (as XLA does)
+    pad_h, pad_w = -h % size, -w % size
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                                               (0, 0)], constant_values=-jnp.inf)
+  h, w, c = x.shape[-3:]
+  return jnp.max(x.reshape(x.shape[:-3] + (h // size, size, w // size, size, c)), axis=(-4, -2))
 
 
 # ---------------------------------------------------------------------------------------------- MLP

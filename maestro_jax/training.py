@@ -57,7 +57,8 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
                     sampler: sampling.Sampler, lasso: float = 0.0, loss: str = "maestro", alpha: float = 0.5,
                     frobenius_decay: float = 0.0, donate: bool = True, check_keeps: bool = False,
-                    mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE) -> Callable:
+                    mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE,
+                    fold_in_step: bool = False) -> Callable:
   """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
 
   Args:
@@ -79,6 +80,9 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     min_shard_size: arrays smaller than this stay replicated (with ``mesh``).
     check_keeps: debugging mode: raise (via ``checkify``) when a sampled keep
       count is outside ``0..capacity`` instead of silently clipping it.
+    fold_in_step: draw with ``jax.random.fold_in(key, state['step'])`` inside
+      the step, so a loop passes one key for the whole run; the same draws as
+      folding in outside, without one more dispatch (and host wait) per step.
 
   Returns:
     The jitted step; ``metrics`` holds ``loss``, ``task_loss``, ``penalty``,
@@ -89,6 +93,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
 
   def step(state, batch, key):
     ranks = state["ranks"]
+    if fold_in_step:
+      key = jax.random.fold_in(key, state["step"])
     if not ranks:  # A dense model: nothing to sample.
       keeps = {}
     else:

@@ -281,3 +281,45 @@ def test_compute_path_scope_overrides_auto_layers_while_tracing():
   keeps = jnp.arange(1, 5, dtype=jnp.int32)
   sweep = jax.vmap(lambda k: scoped(params, images, k))(keeps)
   assert _max_diff(sweep, jax.vmap(lambda k: mj.conv(params, images, k))(keeps)) <= TOL
+
+
+# ------------------------------------------------------------------- shifted convolution (CPU, few channels)
+
+
+@pytest.mark.parametrize("kernel_shape, padding, x_shape", [
+    ((5, 5, 1, 6), "VALID", (3, 12, 11, 1)),          # LeNet's first conv
+    ((3, 3, 3, 16), "SAME", (2, 9, 8, 3)),            # a CIFAR stem at width 16
+    ((3, 3, 2, 4), ((2, 0), (1, 3)), (2, 7, 6, 2)),   # explicit, uneven padding
+])
+@pytest.mark.parametrize("compute_path", ["kernel", "factors"])
+def test_shifted_conv_is_the_direct_convolution_with_its_gradients(kernel_shape, padding, x_shape, compute_path,
+                                                                  monkeypatch):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the shifted convolution is a CPU path")
+  params = factorized.factorize_kernel(_randn(0, kernel_shape), _randn(1, kernel_shape[-1:]))
+  x = _randn(2, x_shape)
+  keep = kernel_shape[-1] - 1  # a masked component, so the mask's gradient path is covered too
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(mj.conv(params, x, keep, padding=padding, compute_path=compute_path)))
+
+  def forward_ops():
+    return str(jax.make_jaxpr(lambda x: mj.conv(params, x, keep, padding=padding, compute_path=compute_path))(x))
+
+  shifted = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+  assert "conv_general_dilated" not in forward_ops().split("custom_vjp_call")[0]
+  monkeypatch.setattr(rules, "SHIFTED_CONV_MAX_IN", 0)  # every convolution direct
+  assert "conv_general_dilated" in forward_ops()
+  assert _max_diff(shifted, jax.value_and_grad(loss, argnums=(0, 1))(params, x)) <= TOL
+
+
+def test_shifted_conv_rule():
+  common = dict(strides=(1, 1), dilation=(1, 1), dtype=jnp.float32, backend="cpu")
+  assert rules.use_shifted_conv(1, 6, **common)
+  assert rules.use_shifted_conv(3, 16, **common)
+  assert not rules.use_shifted_conv(3, 64, **common)  # measured slower than direct
+  assert not rules.use_shifted_conv(6, 16, **common)
+  assert not rules.use_shifted_conv(1, 6, **dict(common, backend="gpu"))
+  assert not rules.use_shifted_conv(1, 6, **dict(common, dtype=jnp.bfloat16))  # would accumulate in bfloat16
+  assert not rules.use_shifted_conv(1, 6, **dict(common, strides=(2, 2)))
+  assert not rules.use_shifted_conv(1, 6, **dict(common, dilation=(1, 2)))

@@ -215,3 +215,18 @@ def test_recalibration_without_batch_norm_is_a_no_op():
   before = nnx.to_pure_dict(nnx.state(model))
   models.recalibrate_batch_norm(model, _images((28, 28, 1))[None], jit=True)
   jax.tree.map(np.testing.assert_array_equal, before, nnx.to_pure_dict(nnx.state(model)))
+
+
+@pytest.mark.parametrize("shape, padding", [((2, 24, 24, 6), "VALID"), ((2, 9, 11, 5), "VALID"),
+                                            ((2, 9, 11, 5), "SAME"), ((1, 2, 5, 7, 3), "SAME")])
+def test_max_pool_is_flax_max_pool_with_its_gradient(shape, padding):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)  # no ties
+
+  def flax_pool(x):
+    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding=padding)
+
+  ours = models._max_pool(x, 2, padding)
+  np.testing.assert_array_equal(ours, flax_pool(x))
+  grads = [jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x))))(x) for f in (lambda x: models._max_pool(x, 2, padding),
+                                                                       flax_pool)]
+  np.testing.assert_array_equal(*grads)

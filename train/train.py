@@ -298,7 +298,13 @@ class Shards:
     return jax.tree.map(put, state, shardings)
 
   def put_batch(self, batch: Mapping[str, np.ndarray]):
-    """This process's share of a global batch, assembled into global arrays split over the mesh."""
+    """This process's share of a global batch, assembled into global arrays split over the mesh.
+
+    On one device the numpy arrays go as they are: the jitted step copies them itself, on its fast
+    path, where assembling global arrays cost 1.4 ms a LeNet step (about a tenth of the step).
+    """
+    if self.size == 1 and jax.process_count() == 1:
+      return dict(batch)
     return {k: jax.make_array_from_process_local_data(self.batch, v) for k, v in batch.items()}
 
   def put_stacked(self, images: np.ndarray):
@@ -672,7 +678,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=config.lasso,
                                         loss=config.loss, alpha=config.alpha,
                                         frobenius_decay=config.frobenius_decay, mesh=shards.step_mesh,
-                                        min_shard_size=shards.min_size)
+                                        min_shard_size=shards.min_size, fold_in_step=True)
   eval_step = training.make_eval_step(fmodel)
   recalibrate = jax.jit(fmodel.recalibrate)
   key = jax.random.key(config.seed)
@@ -754,7 +760,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
                    disable=not progress or not primary, leave=False, dynamic_ncols=True)
         metrics = None
         for batch in bar:
-          state, metrics = train_step(state, shards.put_batch(batch), jax.random.fold_in(key, step))
+          state, metrics = train_step(state, shards.put_batch(batch), key)  # draws with fold_in(key, step)
           step += 1
           if step % config.log_every_steps == 0:
             loss = check_finite(metrics, step)

@@ -20,6 +20,7 @@ cheaper from static shapes (:func:`maestro_jax._src.rules.choose_compute_path`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from maestro_jax._src.rules import COMPUTE_PATHS
 from maestro_jax._src.rules import CPU_CONV_LANES
 from maestro_jax._src.rules import choose_compute_path
 from maestro_jax._src.rules import full_rank
+from maestro_jax._src.rules import use_shifted_conv
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -294,6 +296,37 @@ def _padding(padding: Padding, name: str | None):
   return tuple(pads)
 
 
+def _direct_conv(x: Array, kernel: Array, pads) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_conv(x: Array, kernel: Array, pads) -> Array:
+  """A stride-1 NHWC convolution as ``kh * kw * c_in`` shifted, broadcast multiply-adds (see
+  :func:`~maestro_jax._src.rules.use_shifted_conv`); its gradients are XLA's convolution gradients."""
+  kh, kw, c_in, _ = kernel.shape
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  out = jnp.zeros(x.shape[:1] + (h, w, kernel.shape[3]), x.dtype)
+  for i in range(kh):
+    for j in range(kw):
+      for c in range(c_in):
+        out = out + x[:, i:i + h, j:j + w, c:c + 1] * kernel[i, j, c].reshape(1, 1, 1, -1)
+  return out
+
+
+def _shifted_conv_fwd(x, kernel, pads):
+  return _shifted_conv(x, kernel, pads), (x, kernel)
+
+
+def _shifted_conv_bwd(pads, residuals, cotangent):
+  # XLA's own gradients (a kernel-gradient convolution, and the input gradient, dropped when unused).
+  return jax.vjp(lambda x, kernel: _direct_conv(x, kernel, pads), *residuals)[1](cotangent)
+
+
+_shifted_conv.defvjp(_shifted_conv_fwd, _shifted_conv_bwd)
+
+
 def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Sequence[int] = 1,
          padding: Padding = "SAME", dilation: int | Sequence[int] = 1, dtype=None, precision=None,
          name: str | None = None, compute_path: str = "auto") -> Array:
@@ -336,8 +369,14 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
 
   def spatial(x, a):
     x4 = x.reshape((-1,) + x.shape[-3:])
-    z = jax.lax.conv_general_dilated(x4, a, strides, pad, rhs_dilation=dilation,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    if use_shifted_conv(a.shape[2], a.shape[3], strides=strides, dilation=dilation, dtype=x4.dtype,
+                        backend=jax.default_backend()):
+      pads = pad if not isinstance(pad, str) else tuple(
+          jax.lax.padtype_to_pads(x4.shape[1:3], a.shape[:2], strides, pad))
+      z = _shifted_conv(x4, a, tuple(tuple(int(v) for v in p) for p in pads))
+    else:
+      z = jax.lax.conv_general_dilated(x4, a, strides, pad, rhs_dilation=dilation,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return z.reshape(batch_shape + z.shape[1:])
 
   # Narrow convolutions run at the cost of CPU_CONV_LANES channels on XLA CPU (see choose_compute_path).
@@ -544,15 +583,31 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
   rank = full if rank is None else int(rank)
   if not 1 <= rank <= full:
     raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
-  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape, name=name)
+  if init_method not in ("svd", "random"):
+    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
+  default_initializers(init_scale, kernel_shape, name=name)  # checks init_scale
+  args = (kernel_shape, rank, use_bias, init_method, kernel_init, bias_init, jnp.dtype(param_dtype), init_scale)
+  try:
+    hash(args)
+    draw = _draw_jit
+  except TypeError:  # an initializer that cannot be a static argument: drawn op by op
+    draw = _draw
+  params = draw(key, *args)
+  if init_method == "svd":  # split outside the program: a concrete kernel is split in float64
+    params = {**factorize_kernel(params.pop("kernel"), rank=rank, name=name), **params}
+    params = {k: v.astype(param_dtype) for k, v in params.items()}
+  return params
+
+
+def _draw(key, kernel_shape, rank, use_bias, init_method, kernel_init, bias_init, param_dtype, init_scale):
+  """The random draws of :func:`init_layer`: the dense kernel (``'svd'``) or both factors, and the bias."""
+  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape)
   kernel_init = kernel_init or default_kernel_init
   bias_init = bias_init or default_bias_init
   k_kernel, k_a, k_b, k_bias = jax.random.split(key, 4)
   if init_method == "svd":
-    kernel = kernel_init(k_kernel, kernel_shape, jnp.float32)
-    params = factorize_kernel(kernel, rank=rank, name=name)
-    params = {k: v.astype(param_dtype) for k, v in params.items()}
-  elif init_method == "random":
+    params = {"kernel": kernel_init(k_kernel, kernel_shape, jnp.float32)}
+  else:
     # Var(A @ B) = r * Var(A) * Var(B) = Var(A) with Var(B) = 1 / r: A carries the scale's fan-in variance.
     in_axes = tuple(range(len(kernel_shape) - 1))
     if init_scale == "pytorch":
@@ -561,11 +616,14 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
       first = jax.nn.initializers.lecun_normal(in_axis=in_axes, out_axis=-1)
     params = {"a": first(k_a, kernel_shape[:-1] + (rank,), param_dtype),
               "b": jax.nn.initializers.lecun_normal()(k_b, (rank, kernel_shape[-1]), param_dtype)}
-  else:
-    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
   if use_bias:
     params["bias"] = bias_init(k_bias, (kernel_shape[-1],), param_dtype)
   return params
+
+
+# One program per layer shape: drawn op by op, every primitive compiled its own small program
+# (2.6 s of a LeNet-5's start). The default initializers are made inside, so layers of one shape share it.
+_draw_jit = jax.jit(_draw, static_argnums=tuple(range(1, 9)))
 
 
 def merge_layer(params: Params, keep: int | None = None) -> Params:

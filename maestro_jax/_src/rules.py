@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fractions
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,25 @@ COMPUTE_PATHS = ("auto", "factors", "kernel")
 # rank 4 takes 1.21x the dense conv's time on the factor path, 1.15x on the kernel path, though the
 # factors cost 0.28x its FLOPs; with 32 or more channels the FLOP count ranks the two paths right).
 CPU_CONV_LANES = 16
+
+
+# XLA CPU's direct convolution is slowest with very few input channels: LeNet's first conv (1 -> 6, 5x5,
+# batch 128) takes 2.8 ms forward; the same sum as kh * kw * c_in shifted, broadcast multiply-adds takes
+# 0.28 ms (3 -> 16 channels 3x3: 1.06 vs 0.43 ms; 6 -> 16 or 3 -> 64: slower, so those stay direct).
+SHIFTED_CONV_MAX_IN = 3
+SHIFTED_CONV_MAX_WORK = 48  # c_in * c_out
+
+
+def use_shifted_conv(c_in: int, c_out: int, *, strides: Sequence[int], dilation: Sequence[int], dtype,
+                     backend: str) -> bool:
+  """Whether a convolution runs as shifted multiply-adds instead of XLA's direct convolution.
+
+  Only on CPU, in float32 (the sum is accumulated in the input dtype), for
+  stride 1, no dilation, and few channels (see :data:`SHIFTED_CONV_MAX_IN`).
+  The backward pass stays XLA's convolution gradient either way.
+  """
+  return (backend == "cpu" and jnp.dtype(dtype) == jnp.float32 and tuple(strides) == (1, 1)
+          and tuple(dilation) == (1, 1) and c_in <= SHIFTED_CONV_MAX_IN and c_in * c_out <= SHIFTED_CONV_MAX_WORK)
 
 
 def _wide(width: int, lanes: int) -> int:
