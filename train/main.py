@@ -54,11 +54,28 @@ def parse(argv=None) -> tuple[config_lib.Config, Path, argparse.Namespace]:
   return config, workdir, args
 
 
+def limit_malloc_arenas(count: int = 2) -> bool:
+  """Caps glibc's malloc arenas for this process (``MALLOC_ARENA_MAX``, unless the environment sets it).
+
+  XLA compiles and runs on a pool of threads, and glibc gives each its own arena, whose freed memory
+  is rarely returned: with 2 arenas the quick start peaked at 740 MB instead of 815 MB, as fast. Call it
+  before JAX starts its threads. Returns whether the cap was set (False off glibc).
+  """
+  if "MALLOC_ARENA_MAX" in os.environ:
+    return False
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    return ctypes.CDLL("libc.so.6").mallopt(-8, count) == 1  # -8: M_ARENA_MAX
+  except (OSError, AttributeError):
+    return False
+
+
 def cli(argv=None) -> None:
   """Runs ``maestro-train``: every error is one line on stderr and exit status 1 (``--debug``: the traceback).
 
   SIGTERM and SIGINT exit with 128 + the signal number after saving (see :mod:`maestro_train.interrupt`).
   """
+  limit_malloc_arenas()
   debug = "--debug" in (sys.argv[1:] if argv is None else argv)
   with interrupt.handling():
     try:
