@@ -361,7 +361,7 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
 
 def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks: Mapping[str, int] | None = None, *,
                      timings: Mapping[str, LayerTiming] | None = None, batch_size: int = 32, repeats: int = 10,
-                     warmup: int = 2, seed: int = 0, tolerance: float = 0.05) -> list[str]:
+                     warmup: int = 2, seed: int = 0, tolerance: float = 0.05, whole_model: bool = True) -> list[str]:
   """The layers to deploy as one dense kernel, by measured latency on the current backend.
 
   Each factorized layer of ``model`` is timed at its export rank (factors cut to
@@ -373,7 +373,11 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
   layer with no timing (no ``input_shape`` given, a layer the forward pass
   never calls, or a table without it) takes the size rule too. So an exported model is not slower
   than its dense twin layer by layer, within timing noise, wherever a layer
-  can be timed. Pass the result as ``export(..., dense=...)``; measure at the
+  can be timed. Layer times do not add up to the model's (fusion, dispatch,
+  noise at microseconds), so with ``whole_model`` the whole exported model is
+  timed too against the same model with every layer merged (the dense model at
+  these ranks), and every layer is merged when that is faster by more than
+  ``tolerance``. Pass the result as ``export(..., dense=...)``; measure at the
   batch size the model will serve.
 
   Args:
@@ -387,6 +391,7 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
     warmup: untimed runs first.
     seed: seed of the random inputs.
     tolerance: relative difference below which two times count as equal.
+    whole_model: also time the whole model, as above (needs ``input_shape``).
 
   Returns:
     Layer names to merge, in graph order.
@@ -411,4 +416,15 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
       merge = rules.should_merge(*kinds.matrix_dims(layer.factor_params()), rank)
     if merge:
       merged.append(name)
+  if whole_model and input_shape is not None and len(merged) < len(modules):
+    x = jax.random.normal(jax.random.key(seed), (batch_size,) + tuple(int(d) for d in input_shape), jnp.float32)
+
+    def model_time(dense: list[str]) -> float:
+      graphdef, state = nnx.split(export_module(nnx.clone(model), ranks, merge="none", dense=dense))
+      return time_fn(jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state, x, repeats=repeats,
+                     warmup=warmup)
+
+    every = list(modules)
+    if model_time(every) < (1.0 - tolerance) * model_time(merged):
+      merged = every
   return merged

@@ -220,6 +220,27 @@ def test_dense_by_latency_merges_where_the_kernel_is_not_slower():
   assert [forms[n]["form"] for n in ("layers.0", "layers.1", "layers.2")] == ["dense", "factorized", "factorized"]
 
 
+@pytest.mark.parametrize("all_merged_faster", [True, False])
+def test_dense_by_latency_merges_everything_when_the_whole_model_is_faster_so(all_merged_faster, monkeypatch):
+  model = _mlp()
+  ranks = {"layers.0": 4, "layers.1": 12, "layers.2": 3}
+  table = {"layers.0": _timing("layers.0", 4, factor_s=1e-3, dense_s=2e-3),
+           "layers.1": _timing("layers.1", 12, factor_s=1e-3, dense_s=2e-3),
+           "layers.2": _timing("layers.2", 3, factor_s=1e-3, dense_s=2e-3)}
+  timed = []
+
+  def fake_time(fn, state, x, **kwargs):  # the whole model: 1 ms merged, 2 ms as factors (or the reverse)
+    timed.append(x.shape)
+    merged = all("kernel" in layer for layer in nnx.to_pure_dict(state)["layers"].values())
+    return 1e-3 if merged == all_merged_faster else 2e-3
+
+  monkeypatch.setattr(export, "time_fn", fake_time)
+  chosen = export.dense_by_latency(model, (64,), ranks, timings=table, batch_size=5)
+  assert chosen == (["layers.0", "layers.1", "layers.2"] if all_merged_faster else [])
+  assert timed == [(5, 64)] * 2
+  assert export.dense_by_latency(model, (64,), ranks, timings=table, whole_model=False) == []
+
+
 def test_dense_by_latency_falls_back_on_the_size_rule():
   model = _mlp()
   ranks = {"layers.0": 4, "layers.1": 12, "layers.2": 3}
@@ -243,7 +264,7 @@ def test_dense_by_latency_times_each_layer_at_its_export_rank(monkeypatch):
             for name, rank in ranks.items()}
 
   monkeypatch.setattr(export, "measure_layer_times", fake_measure)
-  merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=7)
+  merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=7, whole_model=False)
   assert merged == ["layers.0", "layers.2"]
   (input_shape, ranks, kwargs), = calls
   assert input_shape == (8, 8, 1) and ranks == {"layers.0": 4, "layers.1": 16, "layers.2": 10}
