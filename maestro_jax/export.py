@@ -361,7 +361,7 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
 
 def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks: Mapping[str, int] | None = None, *,
                      timings: Mapping[str, LayerTiming] | None = None, batch_size: int = 32, repeats: int = 10,
-                     warmup: int = 2, seed: int = 0, tolerance: float = 0.05, whole_model: bool = True) -> list[str]:
+                     warmup: int = 2, seed: int = 0, tolerance: float = 0.05, whole_model: bool = False) -> list[str]:
   """The layers to deploy as one dense kernel, by measured latency on the current backend.
 
   Each factorized layer of ``model`` is timed at its export rank (factors cut to
@@ -377,7 +377,7 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
   noise at microseconds), so with ``whole_model`` the whole exported model is
   timed too against the same model with every layer merged (the dense model at
   these ranks), and every layer is merged when that is faster by more than
-  ``tolerance``. Pass the result as ``export(..., dense=...)``; measure at the
+  ``tolerance``: latency first, at the cost of the export's size. Pass the result as ``export(..., dense=...)``; measure at the
   batch size the model will serve.
 
   Args:
@@ -391,7 +391,8 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
     warmup: untimed runs first.
     seed: seed of the random inputs.
     tolerance: relative difference below which two times count as equal.
-    whole_model: also time the whole model, as above (needs ``input_shape``).
+    whole_model: also time the whole model, as above (needs ``input_shape``; off by default, since it
+      may give up the size saving).
 
   Returns:
     Layer names to merge, in graph order.

@@ -235,10 +235,10 @@ def test_dense_by_latency_merges_everything_when_the_whole_model_is_faster_so(al
     return 1e-3 if merged == all_merged_faster else 2e-3
 
   monkeypatch.setattr(export, "time_fn", fake_time)
-  chosen = export.dense_by_latency(model, (64,), ranks, timings=table, batch_size=5)
+  chosen = export.dense_by_latency(model, (64,), ranks, timings=table, batch_size=5, whole_model=True)
   assert chosen == (["layers.0", "layers.1", "layers.2"] if all_merged_faster else [])
   assert timed == [(5, 64)] * 2
-  assert export.dense_by_latency(model, (64,), ranks, timings=table, whole_model=False) == []
+  assert export.dense_by_latency(model, (64,), ranks, timings=table) == []  # off by default
 
 
 def test_dense_by_latency_falls_back_on_the_size_rule():
@@ -264,7 +264,7 @@ def test_dense_by_latency_times_each_layer_at_its_export_rank(monkeypatch):
             for name, rank in ranks.items()}
 
   monkeypatch.setattr(export, "measure_layer_times", fake_measure)
-  merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=7, whole_model=False)
+  merged = export.dense_by_latency(model, (8, 8, 1), {"layers.0": 4}, batch_size=7)
   assert merged == ["layers.0", "layers.2"]
   (input_shape, ranks, kwargs), = calls
   assert input_shape == (8, 8, 1) and ranks == {"layers.0": 4, "layers.1": 16, "layers.2": 10}

@@ -52,8 +52,9 @@ def _sweep_and_export(workdir: Path, tmp_path: Path) -> dict:
   summary = json.loads((workdir / "summary.json").read_text())
   assert abs(sweep["families"]["fraction"]["accuracy"][-1] - summary["test_accuracy"]) <= 1e-6
   out = tmp_path / "export"
+  # The size rule: whether a layer is smaller merged is a fact; which form is faster is a timing.
   report = deploy.export_cli(["--checkpoint", str(workdir), "--fraction", "0.5", "--out", str(out),
-                              "--latency-runs", "2", "--latency-batch", "8"])
+                              "--latency-runs", "2", "--latency-batch", "8", "--merge", "size"])
   assert report["after"]["params"] < report["before"]["params"]
   model, params, state, saved = deploy.load_model(out)
   assert saved["ranks"] == report["ranks"]
