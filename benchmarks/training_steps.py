@@ -95,6 +95,21 @@ def bench_train_step_vs_dense(s: Settings) -> dict[str, Any]:
 # ------------------------------------------------------------------------ 2. ordered dropout overhead
 
 
+def _rows_against_none(out: dict[str, Any], name: str, variants: dict[str, tuple], s: Settings
+                       ) -> dict[str, tuple[float, float]]:
+  """Times ``variants`` (``stepper`` results) interleaved and adds a row each against the variant ``'none'``.
+
+  Returns:
+    ``{variant: (time ratio, FLOP ratio)}`` against ``'none'``.
+  """
+  times = timing.interleaved({k: v[0] for k, v in variants.items()}, rounds=s.rounds, inner=s.inner)
+  ratios = {}
+  for variant, (_, flops, _) in variants.items():
+    ratios[variant] = (timing.paired_ratio(times, variant, "none"), flops / variants["none"][1])
+    out["rows"].append([name, variant, ms(timing.median(times[variant])), *map(rounded, ratios[variant])])
+  return ratios
+
+
 def bench_ordered_dropout_overhead(s: Settings) -> dict[str, Any]:
   """The sampled step (single_layer) vs the same step at keep = capacity (sampler none)."""
   out = section("Ordered-dropout overhead: sampled keep counts vs keep = capacity",
@@ -106,12 +121,8 @@ def bench_ordered_dropout_overhead(s: Settings) -> dict[str, Any]:
     fmodel, params, model_state = build(name, MNIST_SHAPE, factorized=True)
     variants = {sampler: stepper(fmodel, params, model_state, opt, data, sampler=maestro_jax.make_sampler(sampler),
                                   lasso=LASSO) for sampler in ("none", "single_layer")}
-    times = timing.interleaved({k: v[0] for k, v in variants.items()}, rounds=s.rounds, inner=s.inner)
-    for sampler, (_, flops, _) in variants.items():
-      ratio = timing.paired_ratio(times, sampler, "none")
-      flop_ratio = flops / variants["none"][1]
-      out["rows"].append([name, sampler, ms(timing.median(times[sampler])), rounded(ratio), rounded(flop_ratio)])
-    out["ratios"][f"{name}/single_layer_vs_none_time"] = rounded(timing.paired_ratio(times, "single_layer", "none"))
+    ratios = _rows_against_none(out, name, variants, s)
+    out["ratios"][f"{name}/single_layer_vs_none_time"] = rounded(ratios["single_layer"][0])
   out["notes"].append(f"Both steps use the group lasso (lambda {LASSO}) and the same batch of {s.batch}.")
   return out
 
@@ -233,11 +244,7 @@ def bench_freezing(s: Settings) -> dict[str, Any]:
       variants[f"factor_{factor}"] = stepper(FrozenGradients(fmodel, mask), params, model_state,
                                               maestro_jax.frozen_optimizer(opt, mask), data, sampler=sampler,
                                               lasso=0.0)
-    times = timing.interleaved({k: v[0] for k, v in variants.items()}, rounds=s.rounds, inner=s.inner)
-    for variant, (_, flops, _) in variants.items():
-      ratio = timing.paired_ratio(times, variant, "none")
-      flop_ratio = flops / variants["none"][1]
-      out["rows"].append([name, variant, ms(timing.median(times[variant])), rounded(ratio), rounded(flop_ratio)])
+    for variant, (ratio, flop_ratio) in _rows_against_none(out, name, variants, s).items():
       if variant != "none":
         out["ratios"][f"{name}/{variant}_frozen/time_vs_none"] = rounded(ratio)
         out["ratios"][f"{name}/{variant}_frozen/flops_vs_none"] = rounded(flop_ratio)
