@@ -583,31 +583,15 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
   rank = full if rank is None else int(rank)
   if not 1 <= rank <= full:
     raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
-  if init_method not in ("svd", "random"):
-    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
-  default_initializers(init_scale, kernel_shape, name=name)  # checks init_scale
-  args = (kernel_shape, rank, use_bias, init_method, kernel_init, bias_init, jnp.dtype(param_dtype), init_scale)
-  try:
-    hash(args)
-    draw = _draw_jit
-  except TypeError:  # an initializer that cannot be a static argument: drawn op by op
-    draw = _draw
-  params = draw(key, *args)
-  if init_method == "svd":  # split outside the program: a concrete kernel is split in float64
-    params = {**factorize_kernel(params.pop("kernel"), rank=rank, name=name), **params}
-    params = {k: v.astype(param_dtype) for k, v in params.items()}
-  return params
-
-
-def _draw(key, kernel_shape, rank, use_bias, init_method, kernel_init, bias_init, param_dtype, init_scale):
-  """The random draws of :func:`init_layer`: the dense kernel (``'svd'``) or both factors, and the bias."""
-  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape)
+  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape, name=name)
   kernel_init = kernel_init or default_kernel_init
   bias_init = bias_init or default_bias_init
   k_kernel, k_a, k_b, k_bias = jax.random.split(key, 4)
   if init_method == "svd":
-    params = {"kernel": kernel_init(k_kernel, kernel_shape, jnp.float32)}
-  else:
+    kernel = kernel_init(k_kernel, kernel_shape, jnp.float32)
+    params = factorize_kernel(kernel, rank=rank, name=name)
+    params = {k: v.astype(param_dtype) for k, v in params.items()}
+  elif init_method == "random":
     # Var(A @ B) = r * Var(A) * Var(B) = Var(A) with Var(B) = 1 / r: A carries the scale's fan-in variance.
     in_axes = tuple(range(len(kernel_shape) - 1))
     if init_scale == "pytorch":
@@ -616,14 +600,11 @@ def _draw(key, kernel_shape, rank, use_bias, init_method, kernel_init, bias_init
       first = jax.nn.initializers.lecun_normal(in_axis=in_axes, out_axis=-1)
     params = {"a": first(k_a, kernel_shape[:-1] + (rank,), param_dtype),
               "b": jax.nn.initializers.lecun_normal()(k_b, (rank, kernel_shape[-1]), param_dtype)}
+  else:
+    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
   if use_bias:
     params["bias"] = bias_init(k_bias, (kernel_shape[-1],), param_dtype)
   return params
-
-
-# One program per layer shape: drawn op by op, every primitive compiled its own small program
-# (2.6 s of a LeNet-5's start). The default initializers are made inside, so layers of one shape share it.
-_draw_jit = jax.jit(_draw, static_argnums=tuple(range(1, 9)))
 
 
 def merge_layer(params: Params, keep: int | None = None) -> Params:
