@@ -56,7 +56,8 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
                     sampler: sampling.Sampler, lasso: float = 0.0, loss: str = "maestro", alpha: float = 0.5,
-                    frobenius_decay: float = 0.0, donate: bool = True, check_keeps: bool = False,
+                    distill_weight: float = 1.0, frobenius_decay: float = 0.0, donate: bool = True,
+                    check_keeps: bool = False,
                     mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE,
                     fold_in_step: bool = False) -> Callable:
   """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
@@ -72,6 +73,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
       model's detached softmax) or ``'decomposable'``
       (``(1 - alpha) L_full + alpha L_low``).
     alpha: weight of the low-rank loss for ``'decomposable'``.
+    distill_weight: weight of the sampled model's term for ``'distill'``;
+      below 1 the full model's own loss counts for more.
     frobenius_decay: weight of ``sum ||A B||_F^2`` (spectral-init baseline).
     donate: donate the input state's buffers.
     mesh: keep the new state sharded over this 1-D mesh by
@@ -113,7 +116,7 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
         full = cross_entropy(full_logits, labels)
         if loss == "distill":
           target = jax.lax.stop_gradient(jax.nn.softmax(full_logits.astype(jnp.float32)))
-          task = full + soft_cross_entropy(logits, target)
+          task = full + distill_weight * soft_cross_entropy(logits, target)
         else:
           task = (1.0 - alpha) * full + alpha * low
       penalty = regularizers.group_lasso(params, ranks) if lasso else jnp.zeros(())

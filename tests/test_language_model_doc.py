@@ -16,7 +16,8 @@ def _figures(half_loss=2.02, full_loss=2.0, dense_loss=1.96, svd_loss=2.3, wall=
   return {
       "model_description": "2 blocks", "seq_len": 64, "validation_tokens": 12345,
       "dense": {"params": 1200, "loss": dense_loss}, "maestro_full": _point(1000, full_loss),
-      "maestro_capacity_params": 1500, "maestro_factorized_params": 1400, "half_budget": 500, "maestro_half": curve[1]["maestro"],
+      "maestro_capacity_params": 1500, "maestro_factorized_params": 1400, "half_budget": 500,
+      "maestro_half": curve[1]["maestro"], "half_trained_budget": 495, "maestro_half_trained": _point(490, 2.05),
       "svd_greedy_half": curve[1]["svd_greedy"], "svd_uniform_half": curve[1]["svd_uniform"],
       "svd_full": _point(1200, dense_loss), "curve": curve, "trained_ranks": {"fc": 7}, "full_ranks": {"fc": 8},
       "greedy_step": 4, "calibration_tokens": 2048,
@@ -51,6 +52,7 @@ def test_targets_and_report():
   assert not bad["training within 10 minutes"]
   md = lm.render(_figures())
   assert "| dense twin | 1,200 | 1.9600 |" in md
+  assert "| Maestro, greedy search to 50% of its trained size | 490 | 2.0500 |" in md
   assert "![validation loss against parameters](language_model.png)" in md
   assert "seed 0, temperature 0.8" in md and "ROMEO: hi" in md
   assert "python -m benchmarks.language_model --maestro" in md

@@ -27,6 +27,7 @@ def _flat(out):
 ALL = {
     "single_layer": mj.samplers.single_layer(),
     "independent": mj.samplers.independent(),
+    "independent_min_fraction": mj.samplers.independent(min_fraction=0.5),
     "shared_fraction": mj.samplers.shared_fraction(),
     "fixed_fraction": mj.samplers.fixed_fraction(0.5),
     "none": mj.samplers.none(),
@@ -127,6 +128,23 @@ def test_independent_uniform_per_layer():
   # Not a shared draw: layers of equal rank differ in some draws.
   pair = _draw(mj.samplers.independent(), [6, 6], n=200)
   assert np.any(np.asarray(pair[0]) != np.asarray(pair[1]))
+
+
+def test_independent_min_fraction_uniform_from_the_floor():
+  # ranks 2, 5, 3 at 0.5: floors ceil(1.0) = 1, ceil(2.5) = 3, ceil(1.5) = 2; uniform from the floor to the rank.
+  draws = _flat(_draw(mj.samplers.independent(min_fraction=0.5), RANKS))
+  for layer, floor in {"conv": 1, "fc.0": 3, "fc.1": 2}.items():
+    rank = FLAT[layer]
+    counts = np.bincount(draws[layer], minlength=rank + 1)
+    assert counts[:floor].sum() == 0, layer
+    np.testing.assert_allclose(counts[floor:] / N_DRAWS, 1 / (rank - floor + 1), atol=0.015, err_msg=layer)
+  # At 1.0 the range is the rank itself; a floor of 1 everywhere is the paper's 1..r, draw for draw.
+  assert np.all(_flat(_draw(mj.samplers.independent(min_fraction=1.0), RANKS, n=100))["fc.0"] == 5)
+  np.testing.assert_array_equal(_flat(_draw(mj.samplers.independent(min_fraction=1e-4), RANKS))["fc.0"],
+                                _flat(_draw(mj.samplers.independent(), RANKS))["fc.0"])
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match=r"min_fraction must be in \(0, 1\]"):
+      mj.make_sampler("independent", min_fraction=bad)
 
 
 def test_shared_fraction_one_p_for_all_layers():

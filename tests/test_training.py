@@ -82,7 +82,7 @@ def _frobenius(params):
   return sum(jnp.sum((layer["a"] @ layer["b"]) ** 2) for layer in params["layers"].values())
 
 
-def _reference_loss(params, batch, keeps, *, loss, alpha, frobenius_decay, stop_gradient=True):
+def _reference_loss(params, batch, keeps, *, loss, alpha, frobenius_decay, stop_gradient=True, distill_weight=1.0):
   x, y = batch["image"], batch["label"]
   low_logits = _forward(params, x, keeps)
   low = _cross_entropy(low_logits, y)
@@ -95,7 +95,7 @@ def _reference_loss(params, batch, keeps, *, loss, alpha, frobenius_decay, stop_
       target = jax.nn.softmax(full_logits)
       if stop_gradient:
         target = jax.lax.stop_gradient(target)
-      task = full + _soft_cross_entropy(low_logits, target)
+      task = full + distill_weight * _soft_cross_entropy(low_logits, target)
     else:
       task = (1 - alpha) * full + alpha * low
   return task + LASSO * _group_lasso(params) + frobenius_decay * _frobenius(params), task
@@ -156,13 +156,16 @@ def test_loss_and_gradients_match_the_reference(loss, frobenius_decay):
   fmodel, params, model_state, batch = _tiny()
   keeps = {"layers.0": 2, "layers.1": 1}
   alpha = 0.3  # not 0.5, so swapped weights would show
+  distill_weight = 0.4  # not 1, so an ignored weight would show
   optimizer = _grad_recorder()
   step = training.make_train_step(fmodel, optimizer, sampler=_fixed_sampler(keeps), lasso=LASSO, loss=loss,
-                                  alpha=alpha, frobenius_decay=frobenius_decay, donate=False)
+                                  alpha=alpha, distill_weight=distill_weight, frobenius_decay=frobenius_decay,
+                                  donate=False)
   state = training.init_state(params, model_state, optimizer)
   new_state, metrics = step(state, batch, jax.random.key(0))
 
-  reference = lambda p: _reference_loss(p, batch, keeps, loss=loss, alpha=alpha, frobenius_decay=frobenius_decay)
+  reference = lambda p: _reference_loss(p, batch, keeps, loss=loss, alpha=alpha, frobenius_decay=frobenius_decay,
+                                        distill_weight=distill_weight)
   (total, task), grads = jax.value_and_grad(reference, has_aux=True)(params)
   assert float(metrics["loss"]) == pytest.approx(float(total), abs=TOL, rel=TOL)
   assert float(metrics["task_loss"]) == pytest.approx(float(task), abs=TOL, rel=TOL)

@@ -67,6 +67,7 @@ class Config:
   sampler_kwargs: dict = dataclasses.field(default_factory=dict)
   loss: str = "maestro"
   alpha: float = 0.5                   # Decomposable-Net weight of the low-rank loss
+  distill_weight: float = 1.0          # loss='distill': weight of the sampled model's term
   lasso: float = 0.0                   # hierarchical group lasso weight (lambda)
   frobenius_decay: float = 0.0         # weight of sum ||A B||_F^2 (spectral init + Frobenius decay baseline)
   shrink: bool = True                  # progressive shrinking at each epoch end
@@ -119,6 +120,8 @@ class Config:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 0")
     if not 0 <= self.alpha <= 1:
       raise ValueError(f"config: alpha={self.alpha!r} must be in [0, 1]")
+    if self.distill_weight < 0:
+      raise ValueError(f"config: distill_weight={self.distill_weight!r} must be >= 0")
     return self
 
   def to_json(self) -> str:
@@ -187,7 +190,7 @@ IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "facto
 # Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
-                     "lasso", "frobenius_decay", "shrink", "shrink_threshold", "reslice_min_saving", "steps_per_epoch",
+                     "distill_weight", "lasso", "frobenius_decay", "shrink", "shrink_threshold", "reslice_min_saving", "steps_per_epoch",
                      "compute_dtype", "augment")
 # shard_state and shard_min_size are in neither list: placement changes no value beyond float rounding, and a
 # checkpoint restores onto any device count and either placement.

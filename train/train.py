@@ -677,6 +677,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   state = shards.put_state(state)
   train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=config.lasso,
                                         loss=config.loss, alpha=config.alpha,
+                                        distill_weight=config.distill_weight,
                                         frobenius_decay=config.frobenius_decay, mesh=shards.step_mesh,
                                         min_shard_size=shards.min_size, fold_in_step=True)
   eval_step = training.make_eval_step(fmodel)

@@ -82,13 +82,22 @@ def single_layer() -> Sampler:
   return sample
 
 
-def independent() -> Sampler:
-  """Every layer draws its own keep count uniform in ``1..r_l``."""
+def independent(min_fraction: float | None = None) -> Sampler:
+  """Every layer draws its own keep count uniform in ``low_l..r_l``.
+
+  ``low_l`` is 1 (the paper's range), or ``fraction_to_rank(min_fraction, r_l)``
+  so that training spends no steps on truncations too small to deploy.
+  """
+  if min_fraction is not None:
+    if not 0.0 < min_fraction <= 1.0:
+      raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
+    num, den = rules.fraction_parts(min_fraction)
 
   def sample(key, ranks):
     r, treedef = _flat_ranks(ranks)
+    low = jnp.ones_like(r) if min_fraction is None else rules.parts_to_rank(num, den, r)
     u = jax.random.uniform(key, r.shape)
-    keeps = jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)
+    keeps = jnp.minimum(low + jnp.floor(u * (r - low + 1)).astype(jnp.int32), r)
     return _unflatten(treedef, keeps)
 
   return sample
