@@ -55,7 +55,7 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 
 
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
-                    sampler: sampling.Sampler, lasso: float = 0.0, loss: str = "maestro", alpha: float = 0.5,
+                    sampler: sampling.Sampler, lasso: float | optax.Schedule = 0.0, loss: str = "maestro", alpha: float = 0.5,
                     distill_weight: float = 1.0, frobenius_decay: float = 0.0, donate: bool = True,
                     check_keeps: bool = False,
                     mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE,
@@ -67,7 +67,9 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     optimizer: an optax transformation over ``params``.
     sampler: draws keep counts from ``(key, ranks)``, or from ``(key, ranks,
       params)`` for a :class:`maestro_jax.samplers.ParamSampler`.
-    lasso: weight of the hierarchical group lasso.
+    lasso: weight of the hierarchical group lasso, or an optax schedule of the
+      step (e.g. zero after the ranks are found, so training goes on free of
+      the penalty's shrinkage; no recompilation).
     loss: ``'maestro'`` (the sampled model on labels, the paper's default),
       ``'distill'`` (full pass on labels plus the sampled model on the full
       model's detached softmax) or ``'decomposable'``
@@ -93,6 +95,7 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
   """
   if loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+  lasso_at = lasso if callable(lasso) else (lambda step: lasso)
 
   def step(state, batch, key):
     ranks = state["ranks"]
@@ -119,8 +122,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
           task = full + distill_weight * soft_cross_entropy(logits, target)
         else:
           task = (1.0 - alpha) * full + alpha * low
-      penalty = regularizers.group_lasso(params, ranks) if lasso else jnp.zeros(())
-      total = task + lasso * penalty
+      penalty = regularizers.group_lasso(params, ranks) if callable(lasso) or lasso else jnp.zeros(())
+      total = task + lasso_at(state["step"]) * penalty
       if frobenius_decay:
         total = total + frobenius_decay * regularizers.frobenius_decay(params)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -176,6 +176,28 @@ def test_loss_and_gradients_match_the_reference(loss, frobenius_decay):
   assert float(metrics["accuracy"]) == float(accuracy)
 
 
+def test_lasso_schedule_weights_each_step_by_its_count():
+  # A schedule of the step: lambda on step 0, zero from step 1; each step's gradient is the fixed-weight one.
+  fmodel, params, model_state, batch = _tiny()
+  keeps = {"layers.0": 2, "layers.1": 1}
+  optimizer = _grad_recorder()
+  schedule = optax.piecewise_constant_schedule(LASSO, {1: 0.0})
+  scheduled = training.make_train_step(fmodel, optimizer, sampler=_fixed_sampler(keeps), lasso=schedule,
+                                       donate=False)
+  state = training.init_state(params, model_state, optimizer)
+  fixed = lambda weight: training.make_train_step(fmodel, optimizer, sampler=_fixed_sampler(keeps), lasso=weight,
+                                                  donate=False)
+  gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), fixed(LASSO)(state, batch, jax.random.key(0))[0]
+                      ["opt_state"], fixed(0.0)(state, batch, jax.random.key(0))[0]["opt_state"])
+  assert max(jax.tree.leaves(gaps)) > 1e-4, "the check needs the lasso's gradient to show"
+  for step, weight in enumerate([LASSO, 0.0, 0.0]):
+    want, want_metrics = fixed(weight)(state, batch, jax.random.key(0))
+    state, metrics = scheduled(state, batch, jax.random.key(0))
+    assert int(state["step"]) == step + 1
+    _assert_trees_close(state["opt_state"], want["opt_state"])
+    assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), abs=TOL)
+
+
 def test_distillation_target_is_detached():
   # The full model's softmax is a target, not a path for gradients: the gradient is the
   # stop-gradient reference's, and measurably not the one that differentiates through the target.

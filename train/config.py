@@ -69,6 +69,8 @@ class Config:
   alpha: float = 0.5                   # Decomposable-Net weight of the low-rank loss
   distill_weight: float = 1.0          # loss='distill': weight of the sampled model's term
   lasso: float = 0.0                   # hierarchical group lasso weight (lambda)
+  lasso_epochs: int = 0                # the lasso acts in the first N epochs only, then training goes on free of it
+                                       # (0: every epoch)
   frobenius_decay: float = 0.0         # weight of sum ||A B||_F^2 (spectral init + Frobenius decay baseline)
   shrink: bool = True                  # progressive shrinking at each epoch end
   shrink_threshold: float = 1e-5
@@ -114,7 +116,7 @@ class Config:
       raise ValueError(f"config: reslice_min_saving={self.reslice_min_saving!r} must be in [0, 1)")
     if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
       raise ValueError(f"config: rank_fraction={self.rank_fraction!r} must be in (0, 1]")
-    for field in ("learning_rate", "lasso", "frobenius_decay", "shrink_threshold", "weight_decay",
+    for field in ("learning_rate", "lasso", "lasso_epochs", "frobenius_decay", "shrink_threshold", "weight_decay",
                   "recalibrate_batches", "steps_per_epoch", "eval_max_windows"):
       if getattr(self, field) < 0:
         raise ValueError(f"config: {field}={getattr(self, field)!r} must be >= 0")
@@ -190,8 +192,8 @@ IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "facto
 # Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
-                     "distill_weight", "lasso", "frobenius_decay", "shrink", "shrink_threshold", "reslice_min_saving", "steps_per_epoch",
-                     "compute_dtype", "augment")
+                     "distill_weight", "lasso", "lasso_epochs", "frobenius_decay", "shrink", "shrink_threshold",
+                     "reslice_min_saving", "steps_per_epoch", "compute_dtype", "augment")
 # shard_state and shard_min_size are in neither list: placement changes no value beyond float rounding, and a
 # checkpoint restores onto any device count and either placement.
 

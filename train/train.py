@@ -675,7 +675,9 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   if primary:
     workdir_lib.write_records(workdir, history)
   state = shards.put_state(state)
-  train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=config.lasso,
+  lasso = config.lasso if not config.lasso_epochs else optax.piecewise_constant_schedule(
+      config.lasso, {config.lasso_epochs * steps_per_epoch: 0.0})
+  train_step = training.make_train_step(fmodel, optimizer, sampler=make_sampler(config), lasso=lasso,
                                         loss=config.loss, alpha=config.alpha,
                                         distill_weight=config.distill_weight,
                                         frobenius_decay=config.frobenius_decay, mesh=shards.step_mesh,
