@@ -322,7 +322,11 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
       "model_description": f"{mk['num_layers']} pre-LN blocks, d_model {mk['d_model']}, {mk['num_heads']} heads, "
                            f"MLP {mk['mlp_dim']}, windows of {run.config.seq_len} characters, "
                            f"{run.config.epochs * run.config.steps_per_epoch} steps of {run.config.batch_size}, "
-                           f"{run.config.sampler} sampler, loss {run.config.loss}",
+                           f"{run.config.sampler} sampler, loss {run.config.loss}"
+                           + (f" (weight {run.config.distill_weight:g})" if run.config.loss == "distill" else "")
+                           + f", lasso {run.config.lasso:g}"
+                           + (f" for the first {run.config.lasso_epochs} of {run.config.epochs} epochs"
+                              if run.config.lasso_epochs else ""),
       "seq_len": run.config.seq_len,
       "validation_tokens": int(m_scores["count"]),
       "dense": {"params": int(accounting.count(dense_params, None, positions).params_dense),
