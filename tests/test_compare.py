@@ -198,8 +198,9 @@ def test_method_configs_follow_the_brief(tmp_path):
 
 
 def _lenet_setting(tmp_path):
-  """The MNIST setting's configs without reading any data (the base is ``mnist_lenet``, which distills)."""
-  base = dataclasses.replace(config_lib.load("mnist_lenet"), idx_dir=str(tmp_path), lasso=0.0)
+  """The MNIST setting's configs without reading any data, from a base with a recipe of its own (none may leak)."""
+  base = dataclasses.replace(config_lib.load("mnist_lenet"), idx_dir=str(tmp_path), lasso=0.0, loss="distill",
+                             sampler_kwargs={"min_fraction": 0.25}, lasso_epochs=3)
   return compare.Setting("mnist", base, maestro_lasso=3e-4, first_layer="conv1", description="LeNet-5")
 
 
@@ -207,6 +208,7 @@ def test_every_method_names_its_loss_whatever_the_base(tmp_path):
   setting = _lenet_setting(tmp_path)
   assert setting.base.loss == "distill"  # would leak two-pass distillation into every method otherwise
   configs = compare.method_configs(setting, {"pufferfish_warmup": tmp_path / "warm"})
+  assert all(c.sampler_kwargs == {} and c.lasso_epochs == 0 for c in configs.values())
   assert {name: c.loss for name, c in configs.items()} == {
       "dense": "maestro", "maestro": "maestro", "decomposable": "decomposable", "pufferfish_warmup": "maestro",
       "pufferfish": "maestro", "spectral": "maestro"}

@@ -80,16 +80,6 @@ def test_run_writes_metrics_plots_summary_and_shrinks(tmp_path):
   assert summary["params"]["dense"] == 64 * 32 + 32 + 32 * 10 + 10
 
 
-def test_lasso_epochs_end_the_penalty_after_that_many_epochs(tmp_path):
-  train_lib.train_and_evaluate(tiny_config(lasso_epochs=1), tmp_path, progress=False)
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  # The loss is the task loss plus lambda times the penalty in epoch 1, the task loss alone in epoch 2.
-  first, second = records
-  assert first["penalty"] > 0 and second["penalty"] > 0
-  assert first["train_loss"] - first["train_task_loss"] == pytest.approx(1e-2 * first["penalty"], rel=1e-4)
-  assert second["train_loss"] == pytest.approx(second["train_task_loss"], abs=1e-6)
-
-
 def test_restore_after_shrink_reads_saved_shapes(tmp_path):
   train_lib.train_and_evaluate(tiny_config(), tmp_path, progress=False)
   run = train_lib.load_run(tmp_path, optimizer_state=True)
@@ -101,8 +91,13 @@ def test_restore_after_shrink_reads_saved_shapes(tmp_path):
   assert momentum["layers"][0]["a"].shape == run.state["params"]["layers"][0]["a"].shape
 
 
-def test_small_cuts_keep_the_shapes_and_zero_the_cut_components(tmp_path):
-  train_lib.train_and_evaluate(tiny_config(reslice_min_saving=0.99), tmp_path, progress=False)
+def test_small_cuts_keep_the_shapes_and_zero_the_cut_components_and_lasso_epochs_end_the_penalty(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(reslice_min_saving=0.99, lasso_epochs=1), tmp_path, progress=False)
+  # The loss is the task loss plus lambda times the penalty in epoch 1, the task loss alone in epoch 2.
+  first, second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert first["penalty"] > 0 and second["penalty"] > 0
+  assert first["train_loss"] - first["train_task_loss"] == pytest.approx(1e-2 * first["penalty"], rel=1e-4)
+  assert second["train_loss"] == pytest.approx(second["train_task_loss"], abs=1e-6)
   run = train_lib.load_run(tmp_path)
   a = np.asarray(run.state["params"]["layers"][0]["a"])
   rank = run.ranks["layers.0"]

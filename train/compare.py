@@ -235,7 +235,8 @@ def method_configs(setting: Setting, workdirs: dict[str, Path], *,
   """
   base = setting.base
   warm = warmup_epochs(base.epochs)
-  # Every run names its loss: the base's (mnist_lenet distills) must not decide any method's.
+  # Every run names its loss and sampler settings: the base's (a config's own recipe) must not decide any method's.
+  base = dataclasses.replace(base, sampler_kwargs={}, lasso_epochs=0)
   plain = dict(lasso=0.0, shrink=False, loss="maestro")
   configs = {
       "dense": dataclasses.replace(base, factorized=False, sampler="none", **plain),
