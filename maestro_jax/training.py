@@ -55,9 +55,9 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 
 
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
-                    sampler: sampling.Sampler, lasso: float | optax.Schedule = 0.0, loss: str = "maestro", alpha: float = 0.5,
-                    distill_weight: float = 1.0, frobenius_decay: float = 0.0, donate: bool = True,
-                    check_keeps: bool = False,
+                    sampler: sampling.Sampler, lasso: float | optax.Schedule = 0.0, loss: str = "maestro",
+                    alpha: float = 0.5, distill_weight: float = 1.0, frobenius_decay: float = 0.0,
+                    donate: bool = True, check_keeps: bool = False,
                     mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE,
                     fold_in_step: bool = False) -> Callable:
   """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
