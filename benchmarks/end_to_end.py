@@ -69,8 +69,8 @@ def mnist_idx_dir(train_n: int | None, test_n: int | None, scratch: Path) -> tup
 
 # The setting of the official PyTorch code's reference row (2 epochs, lr 0.01, batch 128, lambda 1e-6; the paper's
 # sampler).
-REFERENCE_OVERRIDES = {"sampler": "single_layer", "loss": "maestro", "learning_rate": 0.01, "schedule": "constant",
-                       "lasso": 1e-6}
+REFERENCE_OVERRIDES = {"sampler": "single_layer", "sampler_kwargs": {}, "loss": "maestro", "learning_rate": 0.01,
+                       "schedule": "constant", "lasso": 1e-6}
 
 
 def _describe(config) -> str:

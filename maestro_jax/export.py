@@ -377,8 +377,9 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
   noise at microseconds), so with ``whole_model`` the whole exported model is
   timed too against the same model with every layer merged (the dense model at
   these ranks), and every layer is merged when that is faster by more than
-  ``tolerance``: latency first, at the cost of the export's size. Pass the result as ``export(..., dense=...)``; measure at the
-  batch size the model will serve.
+  ``tolerance``: latency first, at the cost of the export's size. Pass the
+  result as ``export(..., dense=...)``; measure at the batch size the model
+  will serve.
 
   Args:
     model: an NNX model holding factorized layers (not modified).

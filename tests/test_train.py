@@ -54,6 +54,16 @@ def test_overrides_parse_literals_and_reject_bad_values():
     config_lib.override(config, ["epochs=0"])
   with pytest.raises(ValueError, match=r"unknown config 'nope'; choose one of .*digits_mlp"):
     config_lib.load("nope")
+  # A config's sampler_kwargs belong to its sampler: another sampler on the command line drops them.
+  lenet = config_lib.load("mnist_lenet")
+  assert lenet.sampler_kwargs == {"min_fraction": 0.25}
+  assert config_lib.override(lenet, ["sampler=single_layer"]).sampler_kwargs == {}
+  assert config_lib.override(lenet, ["lasso=1e-3"]).sampler_kwargs == {"min_fraction": 0.25}
+  assert config_lib.override(lenet, ["sampler=independent", "sampler_kwargs={'min_fraction': 0.5}"]
+                             ).sampler_kwargs == {"min_fraction": 0.5}
+  with pytest.raises(ValueError, match=r"sampler_kwargs min_fraction not taken by sampler 'single_layer'; it takes "
+                                       r"none"):
+    config_lib.override(lenet, ["sampler=single_layer", "sampler_kwargs={'min_fraction': 0.5}"])
 
 
 def test_cli_prints_one_line_errors(capsys):

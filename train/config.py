@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 import types
@@ -108,6 +109,11 @@ class Config:
         raise ValueError(f"config: {field}={value!r} is not valid for task {self.task!r}; choose one of "
                          f"{', '.join(valid)}{also}" if field in ("dataset", "model") else
                          f"config: {field}={value!r} is not valid; choose one of {', '.join(valid)}")
+    from maestro_jax import samplers  # pylint: disable=import-outside-toplevel
+    accepted = inspect.signature(samplers.SAMPLERS[self.sampler]).parameters
+    if unknown := sorted(set(self.sampler_kwargs) - set(accepted)):
+      raise ValueError(f"config: sampler_kwargs {', '.join(unknown)} not taken by sampler {self.sampler!r}; it takes "
+                       f"{', '.join(accepted) or 'none'}")
     for field in ("epochs", "batch_size", "eval_batch_size", "rank_quantum", "checkpoint_every_steps",
                   "keep_checkpoints", "log_every_steps", "seq_len", "shard_min_size"):
       if getattr(self, field) < 1:
@@ -256,4 +262,6 @@ def override(config: Config, assignments: list[str]) -> Config:
     if bool in options and isinstance(value, str) and value.lower() in ("true", "false"):
       value = value.lower() == "true"
     changes[key] = _typed(key, value, types_[key])
+  if changes.get("sampler", config.sampler) != config.sampler and "sampler_kwargs" not in changes:
+    changes["sampler_kwargs"] = {}  # The config's sampler_kwargs were for its own sampler.
   return dataclasses.replace(config, **changes).validate()
