@@ -81,7 +81,7 @@ class Settings:
 FULL = Settings(mode="full")
 SMALL = Settings(mode="small", rounds=3, inner=2, big_models=False, sweep_sizes=((512, 1, 2),), sweep_batch=256,
                  export_rounds=3, export_inner=((1, 5), (128, 2)),
-                 compile_epochs=3, compile_hidden=(32,), compile_quanta=(1, 8), aux_models=("mlp",),
+                 compile_epochs=3, compile_hidden=(32,), compile_quanta=(1, 8), aux_models=("mlp",), sweep_configs=4,
                  e2e_full=False)
 
 

@@ -57,7 +57,7 @@ def init_state(params: PyTree, model_state: PyTree, optimizer: optax.GradientTra
 def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformation, *,
                     sampler: sampling.Sampler, lasso: float | optax.Schedule = 0.0, loss: str = "maestro",
                     alpha: float = 0.5, distill_weight: float = 1.0, frobenius_decay: float = 0.0,
-                    donate: bool = True, check_keeps: bool = False,
+                    lasso_decoupled: bool = False, donate: bool = True, check_keeps: bool = False,
                     mesh: jax.sharding.Mesh | None = None, min_shard_size: int = sharding.DEFAULT_MIN_SIZE,
                     fold_in_step: bool = False) -> Callable:
   """Builds the jitted step ``(state, batch, key) -> (state, metrics)``.
@@ -78,6 +78,13 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     distill_weight: weight of the sampled model's term for ``'distill'``;
       below 1 the full model's own loss counts for more.
     frobenius_decay: weight of ``sum ||A B||_F^2`` (spectral-init baseline).
+    lasso_decoupled: step the parameters down the lasso's gradient times
+      ``lasso`` directly, after the optimizer, as AdamW does with weight decay,
+      instead of adding the lasso to the loss. With Adam, a penalty in the loss
+      is rescaled per parameter like the task's gradient, so it shrinks hardest
+      the weights the task pushes least on; decoupled, its step is the same for
+      every group whatever the task does. Its ``lasso`` is a step size, not a
+      loss weight, and needs its own tuning.
     donate: donate the input state's buffers.
     mesh: keep the new state sharded over this 1-D mesh by
       :func:`maestro_jax.sharding.state_shardings` (FSDP style; the rule reads
@@ -96,6 +103,7 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
   if loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
   lasso_at = lasso if callable(lasso) else (lambda step: lasso)
+  use_lasso = callable(lasso) or bool(lasso)
 
   def step(state, batch, key):
     ranks = state["ranks"]
@@ -122,8 +130,9 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
           task = full + distill_weight * soft_cross_entropy(logits, target)
         else:
           task = (1.0 - alpha) * full + alpha * low
-      penalty = regularizers.group_lasso(params, ranks) if callable(lasso) or lasso else jnp.zeros(())
-      total = task + lasso_at(state["step"]) * penalty
+      penalty = regularizers.group_lasso(params, ranks) if use_lasso else jnp.zeros(())
+      # Decoupled, the penalty is stepped after the optimizer; it stays in the reported loss.
+      total = task + lasso_at(state["step"]) * (jax.lax.stop_gradient(penalty) if lasso_decoupled else penalty)
       if frobenius_decay:
         total = total + frobenius_decay * regularizers.frobenius_decay(params)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -132,6 +141,9 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     (total, (new_state, task, penalty, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    if use_lasso and lasso_decoupled:
+      lasso_grads = jax.grad(regularizers.group_lasso)(state["params"], ranks)
+      updates = jax.tree.map(lambda u, g: u - lasso_at(state["step"]) * g, updates, lasso_grads)
     params = optax.apply_updates(state["params"], updates)
     kept = jnp.sum(jnp.asarray(jax.tree.leaves(keeps) or [1])) / jnp.maximum(
         jnp.sum(jnp.asarray(jax.tree.leaves(ranks) or [1])), 1)

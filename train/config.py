@@ -72,6 +72,7 @@ class Config:
   lasso: float = 0.0                   # hierarchical group lasso weight (lambda)
   lasso_epochs: int = 0                # the lasso acts in the first N epochs only, then training goes on free of it
                                        # (0: every epoch)
+  lasso_decoupled: bool = False        # step down the lasso's gradient after the optimizer (lasso is the step size)
   frobenius_decay: float = 0.0         # weight of sum ||A B||_F^2 (spectral init + Frobenius decay baseline)
   shrink: bool = True                  # progressive shrinking at each epoch end
   shrink_threshold: float = 1e-5
@@ -198,7 +199,7 @@ IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "facto
 # Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
-                     "distill_weight", "lasso", "lasso_epochs", "frobenius_decay", "shrink", "shrink_threshold",
+                     "distill_weight", "lasso", "lasso_epochs", "lasso_decoupled", "frobenius_decay", "shrink", "shrink_threshold",
                      "reslice_min_saving", "steps_per_epoch", "compute_dtype", "augment")
 # shard_state and shard_min_size are in neither list: placement changes no value beyond float rounding, and a
 # checkpoint restores onto any device count and either placement.
