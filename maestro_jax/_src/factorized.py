@@ -583,15 +583,29 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
   rank = full if rank is None else int(rank)
   if not 1 <= rank <= full:
     raise ValueError(f"{_layer(name)}: rank {rank} is out of range; need 1 <= rank <= {full}")
-  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape, name=name)
+  if init_method not in ("svd", "random"):
+    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
+  default_initializers(init_scale, kernel_shape, name=name)  # Checks init_scale.
+  return _draw_layer(key, kernel_shape=kernel_shape, rank=rank, use_bias=use_bias, init_method=init_method,
+                     kernel_init=kernel_init, bias_init=bias_init, param_dtype=jnp.dtype(param_dtype),
+                     init_scale=init_scale)
+
+
+# One compiled program per layer shape: drawn op by op, LeNet-5's five layers compiled about 40 small
+# programs (3-4 s of a run's start), and each under the persistent cache's threshold, so every run paid them.
+@functools.partial(jax.jit, static_argnames=("kernel_shape", "rank", "use_bias", "init_method", "kernel_init",
+                                             "bias_init", "param_dtype", "init_scale"))
+def _draw_layer(key: Array, *, kernel_shape: tuple[int, ...], rank: int, use_bias: bool, init_method: str,
+                kernel_init, bias_init, param_dtype, init_scale: str) -> Params:
+  default_kernel_init, default_bias_init = default_initializers(init_scale, kernel_shape)
   kernel_init = kernel_init or default_kernel_init
   bias_init = bias_init or default_bias_init
   k_kernel, k_a, k_b, k_bias = jax.random.split(key, 4)
   if init_method == "svd":
     kernel = kernel_init(k_kernel, kernel_shape, jnp.float32)
-    params = factorize_kernel(kernel, rank=rank, name=name)
+    params = factorize_kernel(kernel, rank=rank)
     params = {k: v.astype(param_dtype) for k, v in params.items()}
-  elif init_method == "random":
+  else:
     # Var(A @ B) = r * Var(A) * Var(B) = Var(A) with Var(B) = 1 / r: A carries the scale's fan-in variance.
     in_axes = tuple(range(len(kernel_shape) - 1))
     if init_scale == "pytorch":
@@ -600,8 +614,6 @@ def init_layer(key: Array, kernel_shape: Sequence[int], rank: int | None = None,
       first = jax.nn.initializers.lecun_normal(in_axis=in_axes, out_axis=-1)
     params = {"a": first(k_a, kernel_shape[:-1] + (rank,), param_dtype),
               "b": jax.nn.initializers.lecun_normal()(k_b, (rank, kernel_shape[-1]), param_dtype)}
-  else:
-    raise ValueError(f"{_layer(name)}: unknown init_method {init_method!r}; choose 'svd' or 'random'")
   if use_bias:
     params["bias"] = bias_init(k_bias, (kernel_shape[-1],), param_dtype)
   return params
