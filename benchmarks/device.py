@@ -63,7 +63,8 @@ def device_tests(small: bool) -> dict[str, Any]:
   start = time.perf_counter()
   # The tests assert float32 equalities to 1e-5; GPUs multiply float32 in TF32 by default (errors near 5e-3).
   env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+  # One process (-n 0): two test workers would each claim most of the accelerator's memory.
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *files],
                         cwd=HERE.parent, capture_output=True, text=True, check=False, env=env)
   lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
   return {"files": list(files), "returncode": proc.returncode, "summary": lines[-1] if lines else "",

@@ -324,7 +324,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
                            f"{run.config.epochs * run.config.steps_per_epoch} steps of {run.config.batch_size}, "
                            f"{run.config.sampler} sampler, loss {run.config.loss}"
                            + (f" (weight {run.config.distill_weight:g})" if run.config.loss == "distill" else "")
-                           + f", lasso {run.config.lasso:g}"
+                           + f", {'decoupled ' if run.config.lasso_decoupled else ''}lasso {run.config.lasso:g}"
                            + (f" for the first {run.config.lasso_epochs} of {run.config.epochs} epochs"
                               if run.config.lasso_epochs else ""),
       "seq_len": run.config.seq_len,
