@@ -104,6 +104,7 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
   lasso_at = lasso if callable(lasso) else (lambda step: lasso)
   use_lasso = callable(lasso) or bool(lasso)
+  decoupled = use_lasso and lasso_decoupled
 
   def step(state, batch, key):
     ranks = state["ranks"]
@@ -116,6 +117,9 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     if check_keeps:
       functional.check_keep_counts(state["params"], keeps)
     images, labels = batch["image"], batch["label"]
+    weight = lasso_at(state["step"])
+    if decoupled:  # The penalty and its gradient, once; the gradient is stepped after the optimizer.
+      decoupled_penalty, lasso_grads = jax.value_and_grad(regularizers.group_lasso)(state["params"], ranks)
 
     def loss_fn(params):
       logits, new_state = model.apply(params, state["model_state"], images, keeps, train=True)
@@ -130,9 +134,11 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
           task = full + distill_weight * soft_cross_entropy(logits, target)
         else:
           task = (1.0 - alpha) * full + alpha * low
-      penalty = regularizers.group_lasso(params, ranks) if use_lasso else jnp.zeros(())
-      # Decoupled, the penalty is stepped after the optimizer; it stays in the reported loss.
-      total = task + lasso_at(state["step"]) * (jax.lax.stop_gradient(penalty) if lasso_decoupled else penalty)
+      if decoupled:  # In the reported loss, but a constant here: no gradient through it.
+        penalty = decoupled_penalty
+      else:
+        penalty = regularizers.group_lasso(params, ranks) if use_lasso else jnp.zeros(())
+      total = task + weight * penalty
       if frobenius_decay:
         total = total + frobenius_decay * regularizers.frobenius_decay(params)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -141,9 +147,8 @@ def make_train_step(model: FunctionalModel, optimizer: optax.GradientTransformat
     (total, (new_state, task, penalty, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    if use_lasso and lasso_decoupled:
-      lasso_grads = jax.grad(regularizers.group_lasso)(state["params"], ranks)
-      updates = jax.tree.map(lambda u, g: u - lasso_at(state["step"]) * g, updates, lasso_grads)
+    if decoupled:
+      updates = jax.tree.map(lambda u, g: u - weight * g, updates, lasso_grads)
     params = optax.apply_updates(state["params"], updates)
     kept = jnp.sum(jnp.asarray(jax.tree.leaves(keeps) or [1])) / jnp.maximum(
         jnp.sum(jnp.asarray(jax.tree.leaves(ranks) or [1])), 1)

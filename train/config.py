@@ -199,8 +199,8 @@ IDENTITY_FIELDS = ("task", "dataset", "model", "seq_len", "model_kwargs", "facto
 # Fields whose change alters the rest of a resumed run's trajectory (the learning-rate schedule spreads over
 # all epochs); a resume with changed values needs --allow-changes and is recorded.
 TRAJECTORY_FIELDS = ("epochs", "learning_rate", "momentum", "weight_decay", "schedule", "sampler_kwargs", "alpha",
-                     "distill_weight", "lasso", "lasso_epochs", "lasso_decoupled", "frobenius_decay", "shrink", "shrink_threshold",
-                     "reslice_min_saving", "steps_per_epoch", "compute_dtype", "augment")
+                     "distill_weight", "lasso", "lasso_epochs", "lasso_decoupled", "frobenius_decay", "shrink",
+                     "shrink_threshold", "reslice_min_saving", "steps_per_epoch", "compute_dtype", "augment")
 # shard_state and shard_min_size are in neither list: placement changes no value beyond float rounding, and a
 # checkpoint restores onto any device count and either placement.
 

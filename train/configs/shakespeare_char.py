@@ -23,7 +23,7 @@ size (about 406,000 parameters), against the row's own full rank:
 | overrides | deployed params | full rank (vs dense) | at 50% of full-rank size |
 |---|---:|---:|---:|
 | (this config) | 726,144 | 1.7873 (+2.5%) | 1.8721 (+4.7%) |
-| ``sampler_kwargs={"min_fraction": 0.25}`` | 724,352 | 1.8005 (+3.3%) | (+3.9%) |
+| ``sampler_kwargs={"min_fraction": 0.25}`` | 724,352 | 1.8005 (+3.3%) | 1.8706 (+3.9%) |
 | ``sampler=single_layer sampler_kwargs={}`` | 727,680 | 1.7833 (+2.3%) | 1.9343 (+8.5%) |
 | ``sampler=single_layer sampler_kwargs={} lasso=1.1e-4`` | 680,832 | 1.7943 (+2.9%) | 1.9103 (+6.5%) |
 | ``sampler=single_layer sampler_kwargs={} distill_weight=0.5`` | 726,272 | 1.7912 (+2.8%) | 1.9303 (+7.8%) |
