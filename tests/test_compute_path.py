@@ -176,6 +176,10 @@ def test_auto_runs_the_path_the_rule_chooses():
     narrow = mj.factorize_kernel(_randn(4, (5, 5, 6, 16)), rank=4)
     args = (narrow, _randn(5, (16, 12, 12, 6)), jnp.int32(2))
     assert _jaxpr(conv("auto"), *args) == _jaxpr(conv("kernel"), *args)
+    # LeNet conv1 (1 -> 6) runs as shifted multiply-adds, priced by FLOPs: at rank 2 the factors.
+    shifted = mj.factorize_kernel(_randn(6, (5, 5, 1, 6)), rank=2)
+    args = (shifted, _randn(7, (16, 28, 28, 1)), jnp.int32(1))
+    assert _jaxpr(conv("auto"), *args) == _jaxpr(conv("factors"), *args)
   # A wide dense layer on a few rows: the factor path.
   dense_params = mj.factorize_kernel(_randn(2, (64, 48)))
   rows = _randn(3, (4, 64))
@@ -323,3 +327,47 @@ def test_shifted_conv_rule():
   assert not rules.use_shifted_conv(1, 6, **dict(common, dtype=jnp.bfloat16))  # would accumulate in bfloat16
   assert not rules.use_shifted_conv(1, 6, **dict(common, strides=(2, 2)))
   assert not rules.use_shifted_conv(1, 6, **dict(common, dilation=(1, 2)))
+
+
+# ------------------------------------------------------------- patches convolution (CPU, tiny feature maps)
+
+
+@pytest.mark.parametrize("kernel_shape, padding, x_shape, strides, dilation", [
+    ((3, 3, 8, 6), "SAME", (3, 2, 2, 8), 1, 1),                # VGG's 2x2 stage
+    ((3, 3, 4, 5), ((1, 2), (0, 1)), (2, 4, 3, 4), 2, 1),      # strided, uneven padding: 3x1 outputs
+    ((3, 3, 4, 5), "SAME", (2, 2, 2, 4), 1, 2),                # dilated
+    ((1, 1, 6, 4), "VALID", (2, 3, 1, 1, 6), 1, 1),            # a 1x1 conv with two leading axes
+    ((3, 3, 3, 16), "SAME", (2, 2, 2, 3), 1, 1),               # few channels: patches before shifted
+])
+@pytest.mark.parametrize("compute_path", ["kernel", "factors"])
+def test_patches_conv_is_the_direct_convolution_with_its_gradients(kernel_shape, padding, x_shape, strides,
+                                                                  dilation, compute_path, monkeypatch):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the patches convolution is a CPU path")
+  params = factorized.factorize_kernel(_randn(0, kernel_shape), _randn(1, kernel_shape[-1:]))
+  x = _randn(2, x_shape)
+  keep = jnp.asarray(max(1, factorized.capacity(params) - 1))  # a masked component
+
+  def apply(params, x):
+    return mj.conv(params, x, keep, padding=padding, strides=strides, dilation=dilation, compute_path=compute_path)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(apply(params, x)))
+
+  def program():
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
+
+  patches, patches_program = jax.value_and_grad(loss, argnums=(0, 1))(params, x), program()
+  assert "conv_general_dilated" not in patches_program
+  monkeypatch.setattr(rules, "PATCHES_CONV_MAX_POSITIONS", 0)  # every convolution direct (or shifted)
+  assert program() != patches_program
+  # Sums of up to 72 products in another order: float32 rounding reaches 1.2e-5 of values near 4.
+  assert _max_diff(patches, jax.value_and_grad(loss, argnums=(0, 1))(params, x)) <= 3 * TOL
+
+
+def test_patches_conv_rule():
+  assert rules.use_patches_conv(2, 2, backend="cpu")
+  assert rules.use_patches_conv(1, 4, backend="cpu")
+  assert rules.use_patches_conv(1, 1, backend="cpu")
+  assert not rules.use_patches_conv(3, 2, backend="cpu")  # from 4x4 up XLA's direct convolution is as fast or faster
+  assert not rules.use_patches_conv(2, 2, backend="gpu")

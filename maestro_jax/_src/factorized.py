@@ -34,6 +34,7 @@ from maestro_jax._src.rules import COMPUTE_PATHS
 from maestro_jax._src.rules import CPU_CONV_LANES
 from maestro_jax._src.rules import choose_compute_path
 from maestro_jax._src.rules import full_rank
+from maestro_jax._src.rules import use_patches_conv
 from maestro_jax._src.rules import use_shifted_conv
 
 Array = jax.Array
@@ -327,6 +328,21 @@ def _shifted_conv_bwd(pads, residuals, cotangent):
 _shifted_conv.defvjp(_shifted_conv_fwd, _shifted_conv_bwd)
 
 
+def _patches_conv(x: Array, kernel: Array, pads, strides, dilation, precision) -> Array:
+  """An NHWC convolution as one matmul: the ``kh * kw`` strided slices of the padded input concatenated on
+  channels (HWIO order), times the kernel as a ``(kh * kw * c_in, c_out)`` matrix (see
+  :func:`~maestro_jax._src.rules.use_patches_conv`)."""
+  kh, kw, c_in, c_out = kernel.shape
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  (sh, sw), (dh, dw) = strides, dilation
+  h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+  w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+  slices = [jax.lax.slice(x, (0, i * dh, j * dw, 0), (x.shape[0], i * dh + (h - 1) * sh + 1,
+                                                      j * dw + (w - 1) * sw + 1, c_in), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+  return jnp.matmul(jnp.concatenate(slices, axis=-1), kernel.reshape(kh * kw * c_in, c_out), precision=precision)
+
+
 def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Sequence[int] = 1,
          padding: Padding = "SAME", dilation: int | Sequence[int] = 1, dtype=None, precision=None,
          name: str | None = None, compute_path: str = "auto") -> Array:
@@ -367,20 +383,32 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
   x, params = _cast_layer(dtype, x, params)
   batch_shape = x.shape[:-3]
 
+  dilated_window = tuple((k - 1) * d + 1 for k, d in zip(first.shape[:2], dilation))
+  pads = pad if not isinstance(pad, str) else jax.lax.padtype_to_pads(x.shape[-3:-1], dilated_window, strides, pad)
+  pads = tuple(tuple(int(v) for v in p) for p in pads)
+  out_hw = [(size + lo + hi - window) // stride + 1
+            for size, (lo, hi), window, stride in zip(x.shape[-3:-1], pads, dilated_window, strides)]
+  backend = jax.default_backend()
+  patches = use_patches_conv(*out_hw, backend=backend)
+
   def spatial(x, a):
     x4 = x.reshape((-1,) + x.shape[-3:])
-    if use_shifted_conv(a.shape[2], a.shape[3], strides=strides, dilation=dilation, dtype=x4.dtype,
-                        backend=jax.default_backend()):
-      pads = pad if not isinstance(pad, str) else tuple(
-          jax.lax.padtype_to_pads(x4.shape[1:3], a.shape[:2], strides, pad))
-      z = _shifted_conv(x4, a, tuple(tuple(int(v) for v in p) for p in pads))
+    if patches:
+      z = _patches_conv(x4, a, pads, strides, dilation, precision)
+    elif use_shifted_conv(a.shape[2], a.shape[3], strides=strides, dilation=dilation, dtype=x4.dtype,
+                          backend=backend):
+      z = _shifted_conv(x4, a, pads)
     else:
       z = jax.lax.conv_general_dilated(x4, a, strides, pad, rhs_dilation=dilation,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return z.reshape(batch_shape + z.shape[1:])
 
-  # Narrow convolutions run at the cost of CPU_CONV_LANES channels on XLA CPU (see choose_compute_path).
-  lanes = CPU_CONV_LANES if jax.default_backend() == "cpu" else 1
+  # XLA CPU's direct convolutions run narrow outputs at the cost of CPU_CONV_LANES channels (see
+  # choose_compute_path); shifted and patches convolutions are plain multiply-adds and matmuls, whose
+  # FLOPs rank the paths.
+  shifted = use_shifted_conv(c_in, first.shape[-1] if is_merged(params) else params["b"].shape[-1],
+                             strides=strides, dilation=dilation, dtype=x.dtype, backend=backend)
+  lanes = CPU_CONV_LANES if backend == "cpu" and not (shifted or patches) else 1
   return _inner(params, x, keep, name, spatial, precision, compute_path, lanes)
 
 

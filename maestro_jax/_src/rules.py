@@ -124,6 +124,24 @@ def use_shifted_conv(c_in: int, c_out: int, *, strides: Sequence[int], dilation:
           and tuple(dilation) == (1, 1) and c_in <= SHIFTED_CONV_MAX_IN and c_in * c_out <= SHIFTED_CONV_MAX_WORK)
 
 
+# XLA CPU's direct convolution is slowest on tiny feature maps: VGG's 2x2 stage (128 -> 128 channels, batch
+# 32) takes 5.3 ms for forward and backward; the same sum as one matmul of the kh * kw shifted slices
+# concatenated (patches) takes 1.0 ms (rank 32 on the factor path: 2.1 -> 0.5 ms). At 4x4 the two are
+# within 10% and from 8x8 the direct convolution wins, up to 4x at 32x32.
+PATCHES_CONV_MAX_POSITIONS = 4  # output pixels per image
+
+
+def use_patches_conv(out_height: int, out_width: int, *, backend: str) -> bool:
+  """Whether a convolution runs as one matmul of concatenated shifted slices instead of XLA's direct one.
+
+  Only on CPU and only for feature maps of at most
+  :data:`PATCHES_CONV_MAX_POSITIONS` output pixels, where the direct
+  convolution is several times slower; gradients are those of the slices and
+  the matmul.
+  """
+  return backend == "cpu" and out_height * out_width <= PATCHES_CONV_MAX_POSITIONS
+
+
 def _wide(width: int, lanes: int) -> int:
   return max(width, lanes) if width else 0
 
@@ -164,9 +182,11 @@ def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, com
   Where FLOPs mislead: the convolutions of XLA CPU run narrow outputs at the
   cost of :data:`CPU_CONV_LANES` channels, so on CPU a convolution layer
   passes ``lanes=CPU_CONV_LANES`` and every output width below it counts as
-  that width. Both paths stay direct convolutions (a spatial conv then a 1x1,
-  or one spatial conv), never patches + matmul, which costs the same FLOPs and
-  runs 3.5x slower than XLA CPU's direct convolution for LeNet's shapes.
+  that width, unless it runs as shifted multiply-adds
+  (:func:`use_shifted_conv`) or as one matmul of patches
+  (:func:`use_patches_conv`), whose FLOPs rank the paths. Patches + matmul
+  costs the same FLOPs as a direct convolution and runs 3.5x slower for
+  LeNet's shapes, so only tiny feature maps take it.
 
   Forming the kernel costs nothing per position, so with many positions (every
   convolution, sequence models) and a rank near ``min(d_in, d_out)`` the kernel
