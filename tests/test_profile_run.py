@@ -1,0 +1,35 @@
+"""The run profiler times every phase of the real runner (figures are measured, only their presence is tested)."""
+
+import pytest
+
+from maestro_train import config as config_lib
+
+from benchmarks import profile_run
+
+
+@pytest.fixture(scope="module")
+def profiled():
+  config = config_lib.override(config_lib.load("digits_mlp"), ["epochs=2", "shrink=false"])
+  return profile_run.profile(config)
+
+
+def test_every_phase_the_runner_goes_through_is_timed(profiled):
+  clock, records, _ = profiled
+  assert [r["epoch"] for r in records] == [1, 2]
+  setup, first, second = clock.seconds[0], clock.seconds[1], clock.seconds[2]
+  assert setup["data: load"] > 0 and setup["model build"] > 0
+  for phase in ("batches", "step dispatch", "evaluation", "checkpoint", "plots", "size accounting"):
+    assert first[phase] > 0, phase
+  for phase in ("batches", "step dispatch", "evaluation", "checkpoint"):
+    assert second[phase] > 0, phase
+  # Without shrinking nothing changes shape: every program compiles in the first epoch and none in the second.
+  assert first["compile (trace, lower, XLA)"] > 0
+  assert second["compile (trace, lower, XLA)"] == 0
+
+
+def test_table_has_a_column_per_epoch_and_the_runner_s_train_time(profiled):
+  clock, records, wall = profiled
+  text = profile_run.table(clock, records, wall)
+  assert "| phase | set-up | epoch 1 | epoch 2 |" in text
+  train_row = next(line for line in text.splitlines() if "epoch train time" in line)
+  assert train_row.endswith(" | ".join(f"{r['epoch_seconds']:.2f}" for r in records) + " |")
