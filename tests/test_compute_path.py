@@ -371,3 +371,44 @@ def test_patches_conv_rule():
   assert rules.use_patches_conv(1, 1, backend="cpu")
   assert not rules.use_patches_conv(3, 2, backend="cpu")  # from 4x4 up XLA's direct convolution is as fast or faster
   assert not rules.use_patches_conv(2, 2, backend="gpu")
+
+
+# ------------------------------------------------- input gradient by matmul (CPU, few channels, large windows)
+
+
+@pytest.mark.parametrize("kernel_shape, padding, x_shape", [
+    ((5, 5, 6, 16), "VALID", (3, 12, 12, 6)),         # LeNet's conv2
+    ((5, 5, 5, 8), "SAME", (2, 9, 7, 5)),             # odd sizes, padded
+    ((5, 5, 4, 5), ((2, 0), (1, 3)), (2, 7, 6, 4)),   # explicit, uneven padding
+])
+@pytest.mark.parametrize("compute_path", ["kernel", "factors"])
+def test_matmul_input_grad_is_xla_s_convolution_gradient(kernel_shape, padding, x_shape, compute_path, monkeypatch):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the matmul input gradient is a CPU path")
+  params = factorized.factorize_kernel(_randn(0, kernel_shape), _randn(1, kernel_shape[-1:]))
+  x = _randn(2, x_shape)
+  keep = jnp.asarray(factorized.capacity(params) - 1)  # a masked component
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(mj.conv(params, x, keep, padding=padding, compute_path=compute_path)))
+
+  def program():
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
+
+  matmul, matmul_program = jax.value_and_grad(loss, argnums=(0, 1))(params, x), program()
+  monkeypatch.setattr(rules, "MATMUL_INPUT_GRAD_MAX_IN", 0)  # XLA's own input gradient
+  assert program() != matmul_program
+  # Sums of up to 400 products in another order: float32 rounding.
+  assert _max_diff(matmul, jax.value_and_grad(loss, argnums=(0, 1))(params, x)) <= 3 * TOL
+
+
+def test_matmul_input_grad_rule():
+  common = dict(strides=(1, 1), dilation=(1, 1), dtype=jnp.float32, backend="cpu")
+  assert rules.use_matmul_input_grad(6, (5, 5), **common)
+  assert rules.use_matmul_input_grad(3, (5, 5), **common)
+  assert not rules.use_matmul_input_grad(8, (5, 5), **common)
+  assert not rules.use_matmul_input_grad(6, (3, 3), **common)  # measured: XLA's is as fast with 3x3 windows
+  assert not rules.use_matmul_input_grad(6, (5, 5), **dict(common, backend="gpu"))
+  assert not rules.use_matmul_input_grad(6, (5, 5), **dict(common, dtype=jnp.bfloat16))
+  assert not rules.use_matmul_input_grad(6, (5, 5), **dict(common, strides=(2, 2)))
+  assert not rules.use_matmul_input_grad(6, (5, 5), **dict(common, dilation=(2, 1)))

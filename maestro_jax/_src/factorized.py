@@ -34,6 +34,7 @@ from maestro_jax._src.rules import COMPUTE_PATHS
 from maestro_jax._src.rules import CPU_CONV_LANES
 from maestro_jax._src.rules import choose_compute_path
 from maestro_jax._src.rules import full_rank
+from maestro_jax._src.rules import use_matmul_input_grad
 from maestro_jax._src.rules import use_patches_conv
 from maestro_jax._src.rules import use_shifted_conv
 
@@ -328,6 +329,40 @@ def _shifted_conv_bwd(pads, residuals, cotangent):
 _shifted_conv.defvjp(_shifted_conv_fwd, _shifted_conv_bwd)
 
 
+def _input_grad_by_matmul(x_shape, kernel: Array, cotangent: Array, pads) -> Array:
+  """The input gradient of a stride-1 :func:`_direct_conv`: ``cotangent @ kernel^T`` per output pixel, each of
+  the ``kh * kw`` taps added back at its offset (col2im), the padding cut off."""
+  kh, kw, c_in, c_out = kernel.shape
+  n, h, w, _ = cotangent.shape
+  (top, bottom), (left, right) = pads
+  padded_h, padded_w = x_shape[1] + top + bottom, x_shape[2] + left + right
+  taps = jnp.matmul(cotangent.reshape(-1, c_out), kernel.reshape(kh * kw * c_in, c_out).T)
+  taps = taps.reshape(n, h, w, kh, kw, c_in)
+  grad = sum(jnp.pad(taps[:, :, :, i, j], ((0, 0), (i, padded_h - h - i), (j, padded_w - w - j), (0, 0)))
+             for i in range(kh) for j in range(kw))
+  return grad[:, top:top + x_shape[1], left:left + x_shape[2]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_matmul_input_grad(x: Array, kernel: Array, pads) -> Array:
+  """XLA's stride-1 convolution whose input gradient is :func:`_input_grad_by_matmul` (see
+  :func:`~maestro_jax._src.rules.use_matmul_input_grad`); the kernel gradient stays XLA's."""
+  return _direct_conv(x, kernel, pads)
+
+
+def _conv_matmul_input_grad_fwd(x, kernel, pads):
+  return _direct_conv(x, kernel, pads), (x, kernel)
+
+
+def _conv_matmul_input_grad_bwd(pads, residuals, cotangent):
+  x, kernel = residuals
+  kernel_grad = jax.vjp(lambda kernel: _direct_conv(x, kernel, pads), kernel)[1](cotangent)[0]
+  return _input_grad_by_matmul(x.shape, kernel, cotangent, pads), kernel_grad
+
+
+_conv_matmul_input_grad.defvjp(_conv_matmul_input_grad_fwd, _conv_matmul_input_grad_bwd)
+
+
 def _patches_conv(x: Array, kernel: Array, pads, strides, dilation, precision) -> Array:
   """An NHWC convolution as one matmul: the ``kh * kw`` strided slices of the padded input concatenated on
   channels (HWIO order), times the kernel as a ``(kh * kw * c_in, c_out)`` matrix (see
@@ -398,6 +433,9 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
     elif use_shifted_conv(a.shape[2], a.shape[3], strides=strides, dilation=dilation, dtype=x4.dtype,
                           backend=backend):
       z = _shifted_conv(x4, a, pads)
+    elif use_matmul_input_grad(a.shape[2], a.shape[:2], strides=strides, dilation=dilation, dtype=x4.dtype,
+                               backend=backend):
+      z = _conv_matmul_input_grad(x4, a, pads)
     else:
       z = jax.lax.conv_general_dilated(x4, a, strides, pad, rhs_dilation=dilation,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
