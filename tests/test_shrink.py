@@ -227,3 +227,19 @@ def test_min_saving_waits_until_the_cuts_add_up():
   assert mj.new_capacities(params, {"fc1": 1, "conv": 1}, min_saving=0.5) == {"fc1": 1, "conv": 1}
   with pytest.raises(ValueError, match="min_saving"):
     mj.new_capacities(params, small_cut, min_saving=1.0)
+
+
+def test_min_saving_weighs_components_by_the_costs_given():
+  params = _params()
+  # d_in + d_out per component times the capacity: fc1 5 * (6 + 5), conv 6 * (8 + 7); 145 factor parameters.
+  cut_fc1 = {"fc1": 1}  # frees 4 of fc1's components: 44 of the 145 parameters, 30%
+  assert mj.new_capacities(params, cut_fc1, min_saving=0.25) == {"fc1": 1, "conv": 6}
+  # Weighed by multiply-adds per example (the conv maps 16 positions, fc1 one), the same cut frees 44 of 1495.
+  macs = {"fc1": 1 * (6 + 5), "conv": 16 * (8 + 7)}
+  assert mj.new_capacities(params, cut_fc1, min_saving=0.25, component_costs=macs) == {"fc1": 5, "conv": 6}
+  _, _, caps = mj.shrink(params, cut_fc1, min_saving=0.25, component_costs=macs)
+  assert caps == {"fc1": 5, "conv": 6}
+  # A conv cut of the same share of its components frees most of the multiply-adds.
+  assert mj.new_capacities(params, {"conv": 2}, min_saving=0.25, component_costs=macs) == {"fc1": 5, "conv": 2}
+  with pytest.raises(ValueError, match=r"component_costs has no cost for layers \['conv'\]"):
+    mj.new_capacities(params, cut_fc1, min_saving=0.25, component_costs={"fc1": 1.0})

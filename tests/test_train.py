@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 
+from maestro_jax import models
 from maestro_train import config as config_lib
 from maestro_train import main as main_lib
 from maestro_train import train as train_lib
@@ -56,9 +58,9 @@ def test_overrides_parse_literals_and_reject_bad_values():
     config_lib.load("nope")
   # A config's sampler_kwargs belong to its sampler: another sampler on the command line drops them.
   lenet = config_lib.load("mnist_lenet")
-  assert lenet.sampler_kwargs == {"min_fraction": 0.25}
+  assert lenet.sampler_kwargs == {"min_fraction": 0.4}
   assert config_lib.override(lenet, ["sampler=single_layer"]).sampler_kwargs == {}
-  assert config_lib.override(lenet, ["lasso=1e-3"]).sampler_kwargs == {"min_fraction": 0.25}
+  assert config_lib.override(lenet, ["lasso=1e-3"]).sampler_kwargs == {"min_fraction": 0.4}
   assert config_lib.override(lenet, ["sampler=independent", "sampler_kwargs={'min_fraction': 0.5}"]
                              ).sampler_kwargs == {"min_fraction": 0.5}
   with pytest.raises(ValueError, match=r"sampler_kwargs min_fraction not taken by sampler 'single_layer'; it takes "
@@ -88,6 +90,22 @@ def test_run_writes_metrics_plots_summary_and_shrinks(tmp_path):
   assert ranks["layers.0"] < 32, "the lasso should have cut hidden components"
   assert summary["params"]["shrunk"] < summary["params"]["factorized_full_rank"]
   assert summary["params"]["dense"] == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_reslices_weigh_pending_cuts_by_multiply_adds(tmp_path, monkeypatch):
+  calls = []
+  shrink = train_lib.maestro_jax.shrink
+  monkeypatch.setattr(train_lib.maestro_jax, "shrink", lambda *a, **k: calls.append(k) or shrink(*a, **k))
+  train_lib.train_and_evaluate(tiny_config(epochs=1), tmp_path, progress=False)
+  # Digits (64 pixels) -> 32 -> 10: one position per example, so a component costs d_in + d_out multiply-adds.
+  assert calls and calls[0]["component_costs"] == {"layers.0": 64 + 32, "layers.1": 32 + 10}
+  # A convolution's component costs its positions times that: LeNet's conv1 maps 28 x 28 -> 24 x 24 pixels.
+  lenet = models.make_model("lenet5", num_classes=10, image_shape=(28, 28, 1), rngs=nnx.Rngs(0))
+  view, params, model_state = train_lib.training.FunctionalModel.from_module(lenet)
+  positions = view.layer_positions(params, model_state, (28, 28, 1))
+  macs = train_lib.component_macs(params, positions)
+  assert positions["conv1"] == 24 * 24 and macs["conv1"] == 24 * 24 * (5 * 5 * 1 + 6)
+  assert macs["fc1"] == 1 * (256 + 120)
 
 
 def test_restore_after_shrink_reads_saved_shapes(tmp_path):

@@ -77,7 +77,7 @@ class Config:
   shrink: bool = True                  # progressive shrinking at each epoch end
   shrink_threshold: float = 1e-5
   rank_quantum: int = 1
-  reslice_min_saving: float = 0.25  # cut shapes only once that fraction of factor params is freed (fewer compiles)
+  reslice_min_saving: float = 0.25  # cut shapes only once that share of the factor MACs is freed (fewer compiles)
   recalibrate_batches: int = 10        # BatchNorm recalibration before evaluation (0: off)
   seq_len: int = 64                    # language modelling: tokens a model reads (windows of seq_len + 1)
   steps_per_epoch: int = 0             # language modelling: steps between shrink/evaluate/save (0: one pass)

@@ -237,6 +237,17 @@ def layer_positions(config: config_lib.Config, sources, view, params, model_stat
   return positions
 
 
+def component_macs(params, positions: Mapping[str, int]) -> dict[str, int]:
+  """Multiply-adds per example of one rank component of each factorized layer, ``positions * (d_in + d_out)``.
+
+  What a shrink weighs pending cuts by (``reslice_min_saving``): a reslice
+  costs a compile and pays back in compute, and a convolution's component costs
+  far more compute than its parameters say.
+  """
+  return {name: positions[name] * (math.prod(layer["a"].shape[:-1]) + layer["b"].shape[-1])
+          for name, layer in maestro_jax.factorized_layers(params).items()}
+
+
 class Shards:
   """Where a run's arrays live: a 1-D ``data`` mesh over every device of every process.
 
@@ -671,6 +682,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   initial_caps = maestro_jax.capacities(params)
   positions = layer_positions(config, sources, fmodel, params, model_state)
   full_size = report.sizes(params, None, positions)
+  reslice_costs = component_macs(params, positions)
   manager = _checkpoint_manager(workdir, config)
 
   history: list[dict] = []
@@ -815,7 +827,8 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
             host = host_copy(state)
             params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
                                                       opt_state=host["opt_state"], optimizer=optimizer,
-                                                      min_saving=config.reslice_min_saving)
+                                                      min_saving=config.reslice_min_saving,
+                                                      component_costs=reslice_costs)
             state = shards.put_state(dict(host, params=params, opt_state=opt_state,
                                           ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
 

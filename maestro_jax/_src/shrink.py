@@ -42,12 +42,24 @@ def round_up_rank(rank: int, quantum: int, capacity: int) -> int:
 
 
 def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1,
-                   min_saving: float = 0.0) -> dict[str, int]:
+                   min_saving: float = 0.0, component_costs: Mapping[str, float] | None = None) -> dict[str, int]:
   """Capacity per layer after shrinking to ``ranks`` with the given quantum.
 
   With ``min_saving > 0`` every capacity stays as it is unless the cuts together
-  free at least that fraction of the model's factor parameters: each new set of
-  shapes costs a compilation, so small cuts wait (masked) until they add up.
+  free at least that fraction of the model's factor parameters (or of
+  ``component_costs``): each new set of shapes costs a compilation, so small
+  cuts wait (masked) until they add up.
+
+  Args:
+    params: parameter tree.
+    ranks: new rank per layer name.
+    quantum: capacities are rounded up to a multiple of this.
+    min_saving: the share of the total that the cuts must free.
+    component_costs: cost of one component per layer name (default: its
+      parameters, ``d_in + d_out``). The runner passes multiply-adds per
+      example, ``positions * (d_in + d_out)``: a compile pays off in time,
+      and a convolution's component costs far more time than its parameters
+      say.
   """
   if not 0 <= min_saving < 1:
     raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
@@ -56,6 +68,11 @@ def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1,
   if min_saving > 0:
     per_component = {name: math.prod(layer["a"].shape[:-1]) + layer["b"].shape[-1]
                      for name, layer in tree.factorized_layers(params).items()}
+    if component_costs is not None:
+      missing = sorted(set(per_component) - set(component_costs))
+      if missing:
+        raise ValueError(f"component_costs has no cost for layers {missing}")
+      per_component = {name: component_costs[name] for name in per_component}
     total = sum(per_component[name] * cap for name, cap in caps.items())
     freed = sum(per_component[name] * (caps[name] - new[name]) for name in caps)
     if freed < min_saving * total:
@@ -87,7 +104,8 @@ def _slicers(params: Any, ranks: Mapping[str, int], caps: Mapping[str, int]):
 
 
 def shrink(params: Any, ranks: Mapping[str, int], *, quantum: int = 1, opt_state: Any = None,
-           optimizer: optax.GradientTransformation | None = None, min_saving: float = 0.0):
+           optimizer: optax.GradientTransformation | None = None, min_saving: float = 0.0,
+           component_costs: Mapping[str, float] | None = None):
   """Cuts every factorized layer to ``round_up_rank(rank, quantum)`` components.
 
   Parameters and every parameter-shaped part of the optimizer state (momentum,
@@ -104,11 +122,13 @@ def shrink(params: Any, ranks: Mapping[str, int], *, quantum: int = 1, opt_state
     min_saving: cut capacities only when together they free at least this
       fraction of the factor parameters (see :func:`new_capacities`); below it
       the shapes stay and the components past each rank are zeroed.
+    component_costs: what ``min_saving`` weighs each layer's components by
+      (see :func:`new_capacities`; default their parameters).
 
   Returns:
     ``(params, opt_state, capacities)``; ``opt_state`` is None when not given.
   """
-  caps = new_capacities(params, ranks, quantum, min_saving)
+  caps = new_capacities(params, ranks, quantum, min_saving, component_costs)
   slicers = _slicers(params, ranks, caps)
   new_params = jax.tree.map(lambda fn, x: fn(x), slicers, params, is_leaf=callable)
   new_state = None
