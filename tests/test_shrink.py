@@ -225,8 +225,10 @@ def test_min_saving_waits_until_the_cuts_add_up():
   # Without the threshold, or once enough is freed, the capacities are cut.
   assert mj.new_capacities(params, small_cut) == {"fc1": 4, "conv": 6}
   assert mj.new_capacities(params, {"fc1": 1, "conv": 1}, min_saving=0.5) == {"fc1": 1, "conv": 1}
+  # 1: never cut, however much is freed.
+  assert mj.new_capacities(params, {"fc1": 1, "conv": 1}, min_saving=1.0) == {"fc1": 5, "conv": 6}
   with pytest.raises(ValueError, match="min_saving"):
-    mj.new_capacities(params, small_cut, min_saving=1.0)
+    mj.new_capacities(params, small_cut, min_saving=1.5)
 
 
 def test_min_saving_weighs_components_by_the_costs_given():

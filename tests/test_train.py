@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
+import maestro_jax
 from maestro_jax import models
 from maestro_train import config as config_lib
 from maestro_train import main as main_lib
@@ -106,6 +107,21 @@ def test_reslices_weigh_pending_cuts_by_multiply_adds(tmp_path, monkeypatch):
   macs = train_lib.component_macs(params, positions)
   assert positions["conv1"] == 24 * 24 and macs["conv1"] == 24 * 24 * (5 * 5 * 1 + 6)
   assert macs["fc1"] == 1 * (256 + 120)
+
+
+def test_reslices_only_when_the_rest_of_the_run_pays_for_the_recompile(tmp_path, monkeypatch):
+  def run(workdir):
+    train_lib.train_and_evaluate(tiny_config(reslice_min_saving=0.01), workdir, progress=False)
+    loaded = train_lib.load_run(workdir)
+    caps = {name: layer["a"].shape[-1] for name, layer in maestro_jax.factorized_layers(loaded.state["params"]).items()}
+    return caps, loaded.ranks
+
+  # Two digits epochs free far fewer multiply-adds than a recompile costs: ranks fall, shapes stay.
+  caps, ranks = run(tmp_path / "short")
+  assert caps == {"layers.0": 32, "layers.1": 10} and ranks["layers.0"] < 32
+  monkeypatch.setattr(train_lib, "RESLICE_MIN_SAVED_MACS", 0.0)
+  caps, ranks = run(tmp_path / "paid")
+  assert caps["layers.0"] == ranks["layers.0"] < 32
 
 
 def test_restore_after_shrink_reads_saved_shapes(tmp_path):

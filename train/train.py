@@ -237,6 +237,21 @@ def layer_positions(config: config_lib.Config, sources, view, params, model_stat
   return positions
 
 
+# A reslice recompiles the train step (1.5-4 s on a 2-core CPU), so it must free more multiply-adds over the
+# rest of the run than that time computes: 2e10 is about 1.5 s of LeNet's train step on 2 CPU cores. The
+# quick start's digits MLP frees about 2e9 (its steps take 0.1 ms) and so keeps its shapes, saving two compiles.
+RESLICE_MIN_SAVED_MACS = 2e10
+
+
+def reslice_saved_macs(params, ranks: Mapping[str, int], quantum: int, costs: Mapping[str, int],
+                       examples_left: int) -> float:
+  """Multiply-adds that cutting the capacities to ``ranks`` saves over ``examples_left`` training examples
+  (forward and backward, 3x the forward's; ``costs`` from :func:`component_macs`)."""
+  caps = maestro_jax.capacities(params)
+  new = maestro_jax.new_capacities(params, ranks, quantum)
+  return 3.0 * examples_left * sum(costs[name] * (caps[name] - new[name]) for name in caps)
+
+
 def component_macs(params, positions: Mapping[str, int]) -> dict[str, int]:
   """Multiply-adds per example of one rank component of each factorized layer, ``positions * (d_in + d_out)``.
 
@@ -683,6 +698,7 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
   positions = layer_positions(config, sources, fmodel, params, model_state)
   full_size = report.sizes(params, None, positions)
   reslice_costs = component_macs(params, positions)
+  examples_per_step = config.batch_size * (config.seq_len if task.per_token else 1)  # positions are per token
   manager = _checkpoint_manager(workdir, config)
 
   history: list[dict] = []
@@ -825,10 +841,14 @@ def _train_and_evaluate(config, workdir, devices, progress, allow_changes) -> di
                                                     old_ranks)
           if ranks != old_ranks:  # Only then is the whole state (optimizer included) brought to the host.
             host = host_copy(state)
+            min_saving = config.reslice_min_saving
+            examples_left = (config.epochs - epoch - 1) * steps_per_epoch * examples_per_step
+            if min_saving and reslice_saved_macs(host["params"], ranks, config.rank_quantum, reslice_costs,
+                                                 examples_left) < RESLICE_MIN_SAVED_MACS:
+              min_saving = 1.0  # Too little compute left to pay for a recompile: zero the cut components only.
             params, opt_state, _ = maestro_jax.shrink(host["params"], ranks, quantum=config.rank_quantum,
                                                       opt_state=host["opt_state"], optimizer=optimizer,
-                                                      min_saving=config.reslice_min_saving,
-                                                      component_costs=reslice_costs)
+                                                      min_saving=min_saving, component_costs=reslice_costs)
             state = shards.put_state(dict(host, params=params, opt_state=opt_state,
                                           ranks={k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}))
 

@@ -54,15 +54,16 @@ def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1,
     params: parameter tree.
     ranks: new rank per layer name.
     quantum: capacities are rounded up to a multiple of this.
-    min_saving: the share of the total that the cuts must free.
+    min_saving: the share of the total that the cuts must free (1: never cut
+      shapes, only zero the components past each rank).
     component_costs: cost of one component per layer name (default: its
       parameters, ``d_in + d_out``). The runner passes multiply-adds per
       example, ``positions * (d_in + d_out)``: a compile pays off in time,
       and a convolution's component costs far more time than its parameters
       say.
   """
-  if not 0 <= min_saving < 1:
-    raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
+  if not 0 <= min_saving <= 1:
+    raise ValueError(f"min_saving must be in [0, 1], got {min_saving}")
   caps = tree.capacities(params)
   new = {name: round_up_rank(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
   if min_saving > 0:
@@ -75,7 +76,7 @@ def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1,
       per_component = {name: component_costs[name] for name in per_component}
     total = sum(per_component[name] * cap for name, cap in caps.items())
     freed = sum(per_component[name] * (caps[name] - new[name]) for name in caps)
-    if freed < min_saving * total:
+    if min_saving == 1 or freed < min_saving * total:
       return caps
   return new
 
