@@ -31,7 +31,8 @@ def headline(name: str, section: dict[str, Any]) -> str:
   if name == "sweep_vs_loop":
     sizes = list(dict.fromkeys(k.split("/")[0] for k in r))
     return "; ".join(f"{n[1:]} images: sweep vs as many full-rank evals "
-                     f"{_x(r[f'{n}/sweep_vs_full_rank_evals_steady'])} steady, {_x(r[f'{n}/sweep_vs_full_rank_evals_cold'])} cold; naive loop vs sweep "
+                     f"{_x(r[f'{n}/sweep_vs_full_rank_evals_steady'])} steady, "
+                     f"{_x(r[f'{n}/sweep_vs_full_rank_evals_cold'])} cold; naive loop vs sweep "
                      f"{_x(r[f'{n}/naive_loop_vs_sweep_cold'])} cold, {_x(r[f'{n}/naive_loop_vs_sweep_steady'])} "
                      "steady" for n in sizes)
   if name == "export_latency":

@@ -58,16 +58,14 @@ class Clock:
     return wrapper
 
   def timed_iterator(self, phase: str, iterator: Iterator) -> Iterator:
-    iterator = iter(iterator)
+    iterator, done = iter(iterator), object()
     while True:
       start = time.perf_counter()
-      try:
-        item = next(iterator)
-      except StopIteration:
-        self.add(phase, time.perf_counter() - start)
+      item = next(iterator, done)
+      self.add(phase, time.perf_counter() - start)
+      if item is done:
         self.in_steps = False
         return
-      self.add(phase, time.perf_counter() - start)
       yield item
 
 
@@ -89,10 +87,11 @@ def profile(config: config_lib.Config) -> tuple[Clock, list[dict], float]:
     if event in COMPILE_EVENTS:
       clock.add("compile (trace, lower, XLA)", seconds)
 
-  jax.monitoring.register_event_duration_secs_listener(on_duration)
   make_step = train_lib.training.make_train_step
   task = train_lib.tasks.get(config.task)
   train_batches = task.train_batches
+  append = train_lib.workdir_lib.append_record
+  trim = train_lib.release_freed_memory
   records: list[dict] = []
 
   def make_timed_step(*args, **kwargs):
@@ -106,14 +105,11 @@ def profile(config: config_lib.Config) -> tuple[Clock, list[dict], float]:
     records.append(record)
     return append(workdir, record)
 
-  append = train_lib.workdir_lib.append_record
-  trim = train_lib.release_freed_memory
-
   def release_freed_memory():
     clock.timed("memory trim (in steps)" if clock.in_steps else "memory trim", trim)()
+
   phases = {
-      train_lib: {"load_sources": "data: load", "build_view": "model build",
-                  "_save": "checkpoint"},
+      train_lib: {"load_sources": "data: load", "build_view": "model build", "_save": "checkpoint"},
       train_lib.maestro_jax: {"ranks_from_importance": "shrink", "shrink": "shrink"},
       train_lib.training: {"evaluate": "evaluation"},
       train_lib.report: {"plot_history": "plots", "sizes": "size accounting"},
@@ -126,11 +122,13 @@ def profile(config: config_lib.Config) -> tuple[Clock, list[dict], float]:
     stack.enter_context(_patched(task, "train_batches", batches))
     stack.enter_context(_patched(train_lib.workdir_lib, "append_record", append_record))
     stack.enter_context(_patched(train_lib, "release_freed_memory", release_freed_memory))
+    # Only this listener is removed afterwards: others (a caller's) stay registered.
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    stack.callback(jax.monitoring.unregister_event_duration_listener, on_duration)
     workdir = stack.enter_context(tempfile.TemporaryDirectory())
     start = time.perf_counter()
     train_lib.train_and_evaluate(config, workdir, progress=False)
     wall = time.perf_counter() - start
-  jax.monitoring.clear_event_listeners()
   return clock, records, wall
 
 

@@ -1,5 +1,7 @@
 """The run profiler times every phase of the real runner (figures are measured, only their presence is tested)."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from maestro_train import config as config_lib
@@ -33,3 +35,16 @@ def test_table_has_a_column_per_epoch_and_the_runner_s_train_time(profiled):
   assert "| phase | set-up | epoch 1 | epoch 2 |" in text
   train_row = next(line for line in text.splitlines() if "epoch train time" in line)
   assert train_row.endswith(" | ".join(f"{r['epoch_seconds']:.2f}" for r in records) + " |")
+
+
+def test_profiling_leaves_the_caller_s_jax_listeners_registered():
+  events = []
+  listener = lambda event, seconds, **_: events.append(event)  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    profile_run.profile(config_lib.override(config_lib.load("digits_mlp"), ["epochs=1", "shrink=false"]))
+    before = len(events)
+    jax.jit(lambda x: x * 3.0)(jnp.ones(2))  # a new program: compile events
+    assert len(events) > before
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
