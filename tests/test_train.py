@@ -113,7 +113,7 @@ def test_reslices_only_when_the_rest_of_the_run_pays_for_the_recompile(tmp_path,
   def run(workdir):
     train_lib.train_and_evaluate(tiny_config(reslice_min_saving=0.01), workdir, progress=False)
     loaded = train_lib.load_run(workdir)
-    caps = {name: layer["a"].shape[-1] for name, layer in maestro_jax.factorized_layers(loaded.state["params"]).items()}
+    caps = maestro_jax.capacities(loaded.state["params"])
     return caps, loaded.ranks
 
   # Two digits epochs free far fewer multiply-adds than a recompile costs: ranks fall, shapes stay.
@@ -127,8 +127,7 @@ def test_reslices_only_when_the_rest_of_the_run_pays_for_the_recompile(tmp_path,
 def test_restore_after_shrink_reads_saved_shapes(tmp_path):
   train_lib.train_and_evaluate(tiny_config(), tmp_path, progress=False)
   run = train_lib.load_run(tmp_path, optimizer_state=True)
-  caps = {name: layer["a"].shape[-1] for name, layer in __import__("maestro_jax").factorized_layers(
-      run.state["params"]).items()}
+  caps = maestro_jax.capacities(run.state["params"])
   assert caps["layers.0"] < 32
   assert caps == run.ranks  # rank_quantum=1: capacity is the rank
   momentum = run.state["opt_state"][1][0].trace
