@@ -1,9 +1,12 @@
 """The compute path of a factorized layer: the two paths agree, 'auto' chooses from shapes and never recompiles."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -11,6 +14,7 @@ import maestro_jax as mj
 import maestro_jax.linen as mlinen
 import maestro_jax.nnx as mnnx
 from maestro_jax import models
+from maestro_jax import training
 from maestro_jax._src import factorized
 from maestro_jax._src import rules
 
@@ -189,9 +193,10 @@ def test_auto_runs_the_path_the_rule_chooses():
   assert _jaxpr(dense("auto"), *args) == _jaxpr(dense("factors"), *args) != _jaxpr(dense("kernel"), *args)
 
 
-def test_auto_counts_every_output_position_of_a_convolution():
+def test_auto_counts_every_output_position_of_a_convolution(monkeypatch):
   # A full-rank 3x3 conv 1 -> 8 (d_in 9, d_out 8, r 8): on one 3x3 image stride 1 gives 9 output
   # pixels (kernel) and stride 2 gives 4 (factors), though the input has 9 pixels both times.
+  monkeypatch.setattr(factorized, "SHIFTED_SUM_COPIES", 1.0)  # FLOPs only (the other test weighs copies)
   lanes = rules.CPU_CONV_LANES if jax.default_backend() == "cpu" else 1
   assert rules.choose_compute_path(9, 9, 8, 8, lanes=lanes) == "kernel"
   assert rules.choose_compute_path(4, 9, 8, 8, lanes=lanes) == "factors"
@@ -327,6 +332,31 @@ def test_shifted_conv_rule():
   assert not rules.use_shifted_conv(1, 6, **dict(common, dtype=jnp.bfloat16))  # would accumulate in bfloat16
   assert not rules.use_shifted_conv(1, 6, **dict(common, strides=(2, 2)))
   assert not rules.use_shifted_conv(1, 6, **dict(common, dilation=(1, 2)))
+
+
+
+def test_shifted_conv_kernel_path_is_weighed_for_its_fused_copies():
+  # LeNet conv1 at full rank (128 images, 24x24 outputs, 5x5x1 -> 6): kernel by FLOPs, factors once the
+  # kernel path's sum counts SHIFTED_SUM_COPIES times; a 3 -> 16 stem (32x32x32 outputs) keeps its kernel.
+  lenet_conv1 = (128 * 24 * 24, 25, 6, 6)
+  assert rules.choose_compute_path(*lenet_conv1) == "kernel"
+  assert rules.choose_compute_path(*lenet_conv1, kernel_copies=rules.SHIFTED_SUM_COPIES) == "factors"
+  assert rules.choose_compute_path(32 * 32 * 32, 27, 16, 16, kernel_copies=rules.SHIFTED_SUM_COPIES) == "kernel"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="shifted convolutions run on CPU only")
+def test_lenet_train_step_computes_conv1_s_shifted_sum_once():
+  # Through the formed kernel, XLA fused conv1's 25-tap sum into ReLU, max-pool and both their
+  # gradients: 75 multiplies of conv1's output shape. On the factor path the matmul reads one sum.
+  model = models.LeNet5(rngs=nnx.Rngs(0))
+  fmodel, params, model_state = training.FunctionalModel.from_module(model)
+  optimizer = optax.sgd(0.01)
+  step = training.make_train_step(fmodel, optimizer, sampler=mj.samplers.single_layer(), lasso=1e-4)
+  state = training.init_state(params, model_state, optimizer)
+  batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
+  hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
+  multiplies = len(re.findall(r"f32\[8,24,24,6\]\S* multiply\(", hlo))
+  assert 25 <= multiplies < 50
 
 
 # ------------------------------------------------------------- patches convolution (CPU, tiny feature maps)

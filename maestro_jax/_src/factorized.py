@@ -32,6 +32,7 @@ import numpy as np
 
 from maestro_jax._src.rules import COMPUTE_PATHS
 from maestro_jax._src.rules import CPU_CONV_LANES
+from maestro_jax._src.rules import SHIFTED_SUM_COPIES
 from maestro_jax._src.rules import choose_compute_path
 from maestro_jax._src.rules import full_rank
 from maestro_jax._src.rules import use_matmul_input_grad
@@ -163,7 +164,7 @@ def _positions(first_factor, x: Array, a: Array) -> int:
   return math.prod(out.shape[:-1])
 
 
-def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", lanes=1):
+def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", lanes=1, kernel_copies=1.0):
   """Shared apply of a factorized layer on the cheaper of two paths, chosen from static shapes.
 
   ``'factors'``: ``z = first_factor(x, A)``, mask (or slice) the rank axis,
@@ -172,6 +173,9 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", 
   product. Both compute the same function; ``'auto'`` picks by
   :func:`maestro_jax._src.rules.choose_compute_path`, which reads shapes only,
   so a traced keep count never changes the program.
+
+  ``kernel_copies``: how many times the kernel path's ``first_factor`` counts in the rule (see
+  :data:`~maestro_jax._src.rules.SHIFTED_SUM_COPIES`).
 
   A merged layer computes ``first_factor(x, kernel) + bias`` and ignores traced keep counts.
   """
@@ -193,7 +197,7 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", 
     compute_path = getattr(_SCOPE, "path", "auto")
   rank, d_in, d_out = a.shape[-1], math.prod(a.shape[:-1]), b.shape[-1]
   path = choose_compute_path(_positions(first_factor, x, a), d_in, d_out, rank, compute_path=compute_path,
-                             lanes=lanes)
+                             lanes=lanes, kernel_copies=kernel_copies)
   if path == "kernel":
     if mask is not None:
       # Masking B's rows costs r * d_out, less than masking A's columns (d_in * r) for a convolution.
@@ -447,7 +451,8 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
   shifted = use_shifted_conv(c_in, first.shape[-1] if is_merged(params) else params["b"].shape[-1],
                              strides=strides, dilation=dilation, dtype=x.dtype, backend=backend)
   lanes = CPU_CONV_LANES if backend == "cpu" and not (shifted or patches) else 1
-  return _inner(params, x, keep, name, spatial, precision, compute_path, lanes)
+  return _inner(params, x, keep, name, spatial, precision, compute_path, lanes,
+                kernel_copies=SHIFTED_SUM_COPIES if shifted else 1.0)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,

@@ -112,6 +112,16 @@ SHIFTED_CONV_MAX_IN = 3
 SHIFTED_CONV_MAX_WORK = 48  # c_in * c_out
 
 
+# A shifted convolution's sum is elementwise, so XLA fuses it into the consumers of its output, and in a
+# training step it may evaluate the sum once per consumer: LeNet's conv1 (then ReLU and max-pool) 3 times,
+# VGG's 3 -> 16 stem with bias (then BatchNorm) 6 times, ResNet's stem without bias once (compiled steps,
+# counted in the HLO). On the factor path the matmul by B reads one materialized sum. The kernel path's
+# multiply-adds count this many times: LeNet's conv1 then runs its factors (whole step 0.95x -> 0.86x of
+# the dense twin at full rank) and the 3 -> 16 stems keep their kernel (ResNet: 1.04x against 1.09x on the
+# factors; VGG measured 0.86x against 0.83x).
+SHIFTED_SUM_COPIES = 1.5
+
+
 def use_shifted_conv(c_in: int, c_out: int, *, strides: Sequence[int], dilation: Sequence[int], dtype,
                      backend: str) -> bool:
   """Whether a convolution runs as shifted multiply-adds instead of XLA's direct convolution.
@@ -191,7 +201,7 @@ def kernel_path_cost(positions: int, d_in: int, d_out: int, rank: int, *, lanes:
 
 
 def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, compute_path: str = "auto",
-                        lanes: int = 1) -> str:
+                        lanes: int = 1, kernel_copies: float = 1.0) -> str:
   """The compute path of one factorized layer for one step shape: ``'factors'`` or ``'kernel'``.
 
   The rule, from static shapes only (never from keep counts, so a new keep count
@@ -223,6 +233,7 @@ def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, com
     compute_path: ``'auto'`` applies the rule; ``'factors'`` or ``'kernel'``
       is returned as given.
     lanes: the narrowest output width the backend runs at full speed (1: FLOPs as they are).
+    kernel_copies: weight of the kernel path's cost (:data:`SHIFTED_SUM_COPIES` for shifted convolutions).
 
   Raises:
     ValueError: an unknown ``compute_path``.
@@ -232,4 +243,5 @@ def choose_compute_path(positions: int, d_in: int, d_out: int, rank: int, *, com
   if compute_path != "auto":
     return compute_path
   factors = factor_path_cost(positions, d_in, d_out, rank, lanes=lanes)
-  return "factors" if factors < kernel_path_cost(positions, d_in, d_out, rank, lanes=lanes) else "kernel"
+  kernel = kernel_copies * kernel_path_cost(positions, d_in, d_out, rank, lanes=lanes)
+  return "factors" if factors < kernel else "kernel"
