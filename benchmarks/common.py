@@ -44,6 +44,8 @@ class Settings:
     big_width: their first-stage width (64 is the real network).
     big_batch: their batch.
     big_rounds: timed rounds for them.
+    real_width_models: CIFAR-shape models also timed at the real width 64 (same batch).
+    real_width_rounds: timed rounds for those.
     sweep_sizes: eval-set sizes of the sweep benchmark, each ``(examples,
       cold (cache-cleared) rounds, steady-state rounds)``.
     sweep_batch: evaluation batch of the sweep benchmark.
@@ -66,6 +68,8 @@ class Settings:
   big_width: int = 16
   big_batch: int = 32
   big_rounds: int = 5
+  real_width_models: tuple = ("resnet18",)
+  real_width_rounds: int = 8
   sweep_sizes: tuple = ((2000, 3, 5), (10000, 1, 2))
   sweep_batch: int = 1000
   sweep_configs: int = 16
