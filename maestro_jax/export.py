@@ -376,7 +376,8 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
   can be timed. Layer times do not add up to the model's (fusion, dispatch,
   noise at microseconds), so with ``whole_model`` the whole exported model is
   timed too against the same model with every layer merged (the dense model at
-  these ranks), and every layer is merged when that is faster by more than
+  these ranks; the two alternated, the median of their per-round time ratios
+  compared), and every layer is merged when that is faster by more than
   ``tolerance``: latency first, at the cost of the export's size. Pass the
   result as ``export(..., dense=...)``; measure at the batch size the model
   will serve.
@@ -421,12 +422,17 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
   if whole_model and input_shape is not None and len(merged) < len(modules):
     x = jax.random.normal(jax.random.key(seed), (batch_size,) + tuple(int(d) for d in input_shape), jnp.float32)
 
-    def model_time(dense: list[str]) -> float:
+    def model_call(dense: list[str]):
       graphdef, state = nnx.split(export_module(nnx.clone(model), ranks, merge="none", dense=dense))
-      return time_fn(jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state, x, repeats=repeats,
-                     warmup=warmup)
+      return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
 
     every = list(modules)
-    if model_time(every) < (1.0 - tolerance) * model_time(merged):
+    calls = [model_call(every), model_call(merged)]
+    for fn, state in calls:
+      time_fn(fn, state, x, repeats=1, warmup=warmup)
+    # Alternated and compared round by round, so a machine that slows down during the timing favours neither.
+    ratios = [time_fn(*calls[0], x, repeats=1, warmup=0) / time_fn(*calls[1], x, repeats=1, warmup=0)
+              for _ in range(repeats)]
+    if statistics.median(ratios) < 1.0 - tolerance:
       merged = every
   return merged
