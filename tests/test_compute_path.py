@@ -357,6 +357,11 @@ def test_lenet_train_step_computes_conv1_s_shifted_sum_once():
   hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
   multiplies = len(re.findall(r"f32\[8,24,24,6\]\S* multiply\(", hlo))
   assert 25 <= multiplies < 50
+  # A forward pass with a static keep count evaluates the sum once either way: its kernel path has no matmul.
+  conv1 = mj.factorize_kernel(_randn(8, (5, 5, 1, 6)))
+  images = _randn(9, (8, 28, 28, 1))
+  forward = lambda path: (lambda p, x: mj.conv(p, x, None, padding="VALID", compute_path=path))
+  assert _jaxpr(forward("auto"), conv1, images) == _jaxpr(forward("kernel"), conv1, images)
 
 
 # ------------------------------------------------------------- patches convolution (CPU, tiny feature maps)

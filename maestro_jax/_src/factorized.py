@@ -174,8 +174,9 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", 
   :func:`maestro_jax._src.rules.choose_compute_path`, which reads shapes only,
   so a traced keep count never changes the program.
 
-  ``kernel_copies``: how many times the kernel path's ``first_factor`` counts in the rule (see
-  :data:`~maestro_jax._src.rules.SHIFTED_SUM_COPIES`).
+  ``kernel_copies``: how many times the kernel path's ``first_factor`` counts in the rule under a traced
+  keep count, as in a training step (see :data:`~maestro_jax._src.rules.SHIFTED_SUM_COPIES`); a static
+  keep count (inference, exports, full-rank evaluation) counts it once.
 
   A merged layer computes ``first_factor(x, kernel) + bias`` and ignores traced keep counts.
   """
@@ -197,7 +198,7 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", 
     compute_path = getattr(_SCOPE, "path", "auto")
   rank, d_in, d_out = a.shape[-1], math.prod(a.shape[:-1]), b.shape[-1]
   path = choose_compute_path(_positions(first_factor, x, a), d_in, d_out, rank, compute_path=compute_path,
-                             lanes=lanes, kernel_copies=kernel_copies)
+                             lanes=lanes, kernel_copies=1.0 if mask is None else kernel_copies)
   if path == "kernel":
     if mask is not None:
       # Masking B's rows costs r * d_out, less than masking A's columns (d_in * r) for a convolution.
