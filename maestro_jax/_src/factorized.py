@@ -164,7 +164,7 @@ def _positions(first_factor, x: Array, a: Array) -> int:
   return math.prod(out.shape[:-1])
 
 
-def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", lanes=1, kernel_copies=1.0):
+def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", lanes=1, shifted=False):
   """Shared apply of a factorized layer on the cheaper of two paths, chosen from static shapes.
 
   ``'factors'``: ``z = first_factor(x, A)``, mask (or slice) the rank axis,
@@ -174,9 +174,10 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", 
   :func:`maestro_jax._src.rules.choose_compute_path`, which reads shapes only,
   so a traced keep count never changes the program.
 
-  ``kernel_copies``: how many times the kernel path's ``first_factor`` counts in the rule under a traced
-  keep count, as in a training step (see :data:`~maestro_jax._src.rules.SHIFTED_SUM_COPIES`); a static
-  keep count (inference, exports, full-rank evaluation) counts it once.
+  ``shifted``: ``first_factor`` is a shifted convolution (see
+  :data:`~maestro_jax._src.rules.SHIFTED_SUM_COPIES`): the kernel path's cost counts that many times, and
+  where ``'auto'`` then picks the factors, they run only under differentiation; a forward pass alone
+  forms the kernel.
 
   A merged layer computes ``first_factor(x, kernel) + bias`` and ignores traced keep counts.
   """
@@ -198,18 +199,52 @@ def _inner(params, x, keep, name, first_factor, precision, compute_path="auto", 
     compute_path = getattr(_SCOPE, "path", "auto")
   rank, d_in, d_out = a.shape[-1], math.prod(a.shape[:-1]), b.shape[-1]
   path = choose_compute_path(_positions(first_factor, x, a), d_in, d_out, rank, compute_path=compute_path,
-                             lanes=lanes, kernel_copies=1.0 if mask is None else kernel_copies)
-  if path == "kernel":
+                             lanes=lanes, kernel_copies=SHIFTED_SUM_COPIES if shifted else 1.0)
+
+  # Both paths take the mask as an argument: _forward_by_kernel's functions must not close over tracers.
+  def kernel_path(x, a, b, mask):
     if mask is not None:
       # Masking B's rows costs r * d_out, less than masking A's columns (d_in * r) for a convolution.
       b = b * _rank_mask(mask, cap, 1, b.dtype).reshape(cap, 1)
     kernel = jnp.matmul(a.reshape(d_in, rank), b, precision=precision).reshape(a.shape[:-1] + (d_out,))
-    return _add_bias(first_factor(x, kernel), bias)
-  z = first_factor(x, a)
-  if mask is not None:
-    z = z * _rank_mask(mask, cap, z.ndim, z.dtype)
-  y = jnp.matmul(z, b, precision=precision)
-  return _add_bias(y, bias)
+    return first_factor(x, kernel)
+
+  def factor_path(x, a, b, mask):
+    z = first_factor(x, a)
+    if mask is not None:
+      z = z * _rank_mask(mask, cap, z.ndim, z.dtype)
+    return jnp.matmul(z, b, precision=precision)
+
+  if path == "kernel":
+    return _add_bias(kernel_path(x, a, b, mask), bias)
+  if shifted and compute_path == "auto":
+    # Differentiated, the factors (one materialized sum, see SHIFTED_SUM_COPIES); otherwise the kernel: a
+    # forward pass evaluates the sum once, and the factors' matmul by B, r and c_out both tiny, is slow.
+    return _add_bias(_forward_by_kernel(kernel_path, factor_path, x, a, b, mask), bias)
+  return _add_bias(factor_path(x, a, b, mask), bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _forward_by_kernel(kernel_path, factor_path, x, a, b, mask):
+  """``kernel_path(x, a, b, mask)`` when not differentiated; under differentiation ``factor_path``'s value
+  and gradients (the two compute the same function). ``mask`` (a keep count or None) gets no gradient."""
+  return kernel_path(x, a, b, mask)
+
+
+def _forward_by_kernel_fwd(kernel_path, factor_path, x, a, b, mask):
+  del kernel_path
+  value, factor_vjp = jax.vjp(lambda x, a, b: factor_path(x, a, b, mask), x, a, b)
+  return value, (factor_vjp, mask)
+
+
+def _forward_by_kernel_bwd(kernel_path, factor_path, residuals, cotangent):
+  del kernel_path, factor_path
+  factor_vjp, mask = residuals
+  zero = None if mask is None else np.zeros(np.shape(mask), jax.dtypes.float0)
+  return (*factor_vjp(cotangent), zero)
+
+
+_forward_by_kernel.defvjp(_forward_by_kernel_fwd, _forward_by_kernel_bwd)
 
 
 def dense(params: Params, x: Array, keep: KeepCount = None, *, dtype=None, precision=None,
@@ -452,8 +487,7 @@ def conv(params: Params, x: Array, keep: KeepCount = None, *, strides: int | Seq
   shifted = use_shifted_conv(c_in, first.shape[-1] if is_merged(params) else params["b"].shape[-1],
                              strides=strides, dilation=dilation, dtype=x.dtype, backend=backend)
   lanes = CPU_CONV_LANES if backend == "cpu" and not (shifted or patches) else 1
-  return _inner(params, x, keep, name, spatial, precision, compute_path, lanes,
-                kernel_copies=SHIFTED_SUM_COPIES if shifted else 1.0)
+  return _inner(params, x, keep, name, spatial, precision, compute_path, lanes, shifted=shifted)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,

@@ -115,12 +115,13 @@ SHIFTED_CONV_MAX_WORK = 48  # c_in * c_out
 # A shifted convolution's sum is elementwise, so XLA fuses it into the consumers of its output, and in a
 # training step it may evaluate the sum once per consumer: LeNet's conv1 (then ReLU and max-pool) 3 times,
 # VGG's 3 -> 16 stem with bias (then BatchNorm) 6 times, ResNet's stem without bias once (compiled steps,
-# counted in the HLO). On the factor path the matmul by B reads one materialized sum. Under a traced keep
-# count (a training step) the kernel path's multiply-adds count this many times: LeNet's conv1 then runs its
-# factors (whole step 0.95x -> 0.86x of the dense twin at full rank) and the 3 -> 16 stems keep their
-# kernel (ResNet: 1.04x against 1.09x on the factors; VGG measured 0.86x against 0.83x). A forward pass
-# alone evaluates the sum once, and its tiny matmul by B is slow (LeNet's conv1 at full rank, batch 64:
-# 2.2x the kernel path), so a static keep count prices the paths by FLOPs as they are.
+# counted in the HLO). On the factor path the matmul by B reads one materialized sum. The kernel path's
+# multiply-adds count this many times: LeNet's conv1 then runs its factors (whole train step 0.95x -> 0.86x
+# of the dense twin at full rank) and the 3 -> 16 stems keep their kernel (ResNet: 1.04x against 1.09x on
+# the factors; VGG measured 0.86x against 0.83x). Where the factors win, they run only under
+# differentiation: a forward pass alone (evaluation, inference, exports) evaluates the sum once and forms
+# the kernel, since the factors' matmul by B, with r and c_out both tiny, is slow (LeNet's conv1 forward at
+# batch 64: 2.2x the kernel path at rank 6, 3.9x at rank 3, 1.5x at rank 2; only rank 1 was faster, 0.6x).
 SHIFTED_SUM_COPIES = 1.5
 
 
