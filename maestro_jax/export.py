@@ -305,8 +305,9 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
   For every layer the candidates are ``quantize(requested) + i * quantum``
   (``i = 0 .. max_candidates - 1``, capped at the capacity). Each candidate's
   factorized apply (factors sliced to that rank) and the dense kernel's apply
-  are jitted, warmed up and timed (median of ``repeats`` runs, outputs blocked
-  on) on a random input of ``batch_size`` examples of the layer's real input
+  are jitted, warmed up and timed (median of ``repeats`` runs, the forms
+  alternated call by call, outputs blocked on) on a random input of
+  ``batch_size`` examples of the layer's real input
   shape (found by :func:`layer_inputs`). Timings are noisy; nothing here is
   meant for assertions, only for choosing shapes.
 
@@ -350,8 +351,17 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
     candidates = sorted({min(first + j * quantum, cap) for j in range(max_candidates)})
     x = jax.random.normal(jax.random.fold_in(key, i), (batch_size,) + shapes[name], jnp.float32)
     fn = jax.jit(_layer_fn(layer))
-    times = {r: time_fn(fn, core.truncate_layer(params, r), x, repeats=repeats, warmup=warmup) for r in candidates}
-    dense_time = time_fn(fn, core.merge_layer(params, cap), x, repeats=repeats, warmup=warmup)
+    forms = {r: core.truncate_layer(params, r) for r in candidates}
+    forms["dense"] = core.merge_layer(params, cap)
+    for form in forms.values():
+      time_fn(fn, form, x, repeats=1, warmup=warmup)
+    # The forms alternate call by call, so a machine that slows down while timing favours none of them.
+    samples = {form_name: [] for form_name in forms}
+    for _ in range(repeats):
+      for form_name, form in forms.items():
+        samples[form_name].append(time_fn(fn, form, x, repeats=1, warmup=0))
+    dense_time = float(statistics.median(samples.pop("dense")))
+    times = {r: float(statistics.median(samples[r])) for r in candidates}
     fastest = min(times.values())
     rank = min(r for r, t in times.items() if t <= fastest * (1.0 + tolerance))
     out[name] = LayerTiming(name=name, requested=requested, rank=rank, dense=dense_time <= times[rank],
