@@ -229,10 +229,10 @@ def test_dense_by_latency_merges_everything_when_the_whole_model_is_faster_so(al
            "layers.2": _timing("layers.2", 3, factor_s=1e-3, dense_s=2e-3)}
   timed = []
 
-  def fake_time(fn, state, x, **kwargs):  # the whole model: 1 ms merged, 2 ms as factors (or the reverse)
+  def fake_time(fn, state, x, **kwargs):  # the whole model: 2% faster merged (or as factors), within tolerance
     timed.append(x.shape)
     merged = all("kernel" in layer for layer in nnx.to_pure_dict(state)["layers"].values())
-    return 1e-3 if merged == all_merged_faster else 2e-3
+    return 1e-3 if merged == all_merged_faster else 1.02e-3
 
   monkeypatch.setattr(export, "time_fn", fake_time)
   chosen = export.dense_by_latency(model, (64,), ranks, timings=table, batch_size=5, whole_model=True)
