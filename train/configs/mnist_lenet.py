@@ -23,7 +23,8 @@ with peak RSS 721 / 710 / 675 MB: the sampler no longer trains truncations
 below 40% that no budget of interest deploys. With conv1 on its factor path in
 the train step (``rules.SHIFTED_SUM_COPIES``; the same function, other float
 rounding) the seeds give 98.96% / 99.14% / 98.95%, fc1 52/53/52, fc2 41/41/40,
-in 64 / 70 / 67 s with peak RSS 691 / 748 / 697 MB.
+in 64 / 70 / 67 s with peak RSS 691 / 748 / 697 MB (a second round, the machine
+slower: 86 / 79 / 76 s).
 
 The single-layer sampler rarely truncates the small conv layers (conv2 is picked
 in 16 of 236 pairs), so their low ranks stay weak. Sampling every layer each

@@ -9,7 +9,7 @@ scale the tails never fall under 1e-5 and nothing shrinks.
 
 The official code reaches 98.31% with fc1 116/120 and fc2 82/84 in 180 s on a
 2-core CPU (measured beside this project); this config gives 98.71% / 98.56% /
-98.89% for seeds 0 / 1 / 2 with fc1 116/120 and fc2 82/81/82 of 84, in 57-63 s
+98.89% for seeds 0 / 1 / 2 with fc1 116/120 and fc2 82/81/82 of 84, in 57-69 s
 for the whole process on the same machine. ``mnist_lenet`` is this project's
 recommended, more compressing config.
 """
