@@ -259,7 +259,7 @@ def component_macs(params, positions: Mapping[str, int]) -> dict[str, int]:
   costs a compile and pays back in compute, and a convolution's component costs
   far more compute than its parameters say.
   """
-  return {name: positions[name] * (math.prod(layer["a"].shape[:-1]) + layer["b"].shape[-1])
+  return {name: positions[name] * sum(maestro_jax.matrix_dims(layer))
           for name, layer in maestro_jax.factorized_layers(params).items()}
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from maestro_jax._src import regularizers, tree
+from maestro_jax._src import kinds, regularizers, tree
 
 
 # One program per set of shapes: op by op, each primitive compiled its own small program (0.9 s a call for LeNet).
@@ -67,8 +67,7 @@ def new_capacities(params: Any, ranks: Mapping[str, int], quantum: int = 1,
   caps = tree.capacities(params)
   new = {name: round_up_rank(rank, quantum, caps[name]) for name, rank in tree.resolve_ranks(params, ranks).items()}
   if min_saving > 0:
-    per_component = {name: math.prod(layer["a"].shape[:-1]) + layer["b"].shape[-1]
-                     for name, layer in tree.factorized_layers(params).items()}
+    per_component = {name: sum(kinds.matrix_dims(layer)) for name, layer in tree.factorized_layers(params).items()}
     if component_costs is not None:
       missing = sorted(set(per_component) - set(component_costs))
       if missing:
