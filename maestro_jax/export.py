@@ -228,6 +228,22 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: int =
   return float(statistics.median(times))
 
 
+def _alternated_times(calls: Mapping[Any, tuple[Callable[..., Any], tuple]], *, repeats: int = 10,
+                     warmup: int = 2) -> dict[Any, list[float]]:
+  """Wall times of each ``fn(*args)`` in ``calls`` (``{key: (fn, args)}``), ``repeats`` samples each.
+
+  Every call is warmed up first; then each round times every call once, in
+  turn, so a machine that slows down while timing favours none of them.
+  """
+  for fn, args in calls.values():
+    time_fn(fn, *args, repeats=1, warmup=warmup)
+  samples = {key: [] for key in calls}
+  for _ in range(repeats):
+    for key, (fn, args) in calls.items():
+      samples[key].append(time_fn(fn, *args, repeats=1, warmup=0))
+  return samples
+
+
 def layer_inputs(model: nnx.Module, input_shape: Sequence[int], *, dtype=jnp.float32,
                  apply: Callable[[nnx.Module, jax.Array], Any] | None = None) -> dict[str, tuple[int, ...]]:
   """The input shape (without the batch axis) of every factorized layer's first call, by abstract tracing.
@@ -353,13 +369,8 @@ def measure_layer_times(model: nnx.Module, input_shape: Sequence[int], ranks: Ma
     fn = jax.jit(_layer_fn(layer))
     forms = {r: core.truncate_layer(params, r) for r in candidates}
     forms["dense"] = core.merge_layer(params, cap)
-    for form in forms.values():
-      time_fn(fn, form, x, repeats=1, warmup=warmup)
-    # The forms alternate call by call, so a machine that slows down while timing favours none of them.
-    samples = {form_name: [] for form_name in forms}
-    for _ in range(repeats):
-      for form_name, form in forms.items():
-        samples[form_name].append(time_fn(fn, form, x, repeats=1, warmup=0))
+    samples = _alternated_times({key: (fn, (form, x)) for key, form in forms.items()}, repeats=repeats,
+                               warmup=warmup)
     dense_time = float(statistics.median(samples.pop("dense")))
     times = {r: float(statistics.median(samples[r])) for r in candidates}
     fastest = min(times.values())
@@ -435,15 +446,12 @@ def dense_by_latency(model: nnx.Module, input_shape: Sequence[int] | None, ranks
 
     def model_call(dense: list[str]):
       graphdef, state = nnx.split(export_module(nnx.clone(model), ranks, merge="none", dense=dense))
-      return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
+      return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), (state, x)
 
     every = list(modules)
-    calls = [model_call(every), model_call(merged)]
-    for fn, state in calls:
-      time_fn(fn, state, x, repeats=1, warmup=warmup)
-    # Alternated and compared round by round, so a machine that slows down during the timing favours neither.
-    ratios = [time_fn(*calls[0], x, repeats=1, warmup=0) / time_fn(*calls[1], x, repeats=1, warmup=0)
-              for _ in range(repeats)]
+    samples = _alternated_times({"every": model_call(every), "chosen": model_call(merged)}, repeats=repeats,
+                               warmup=warmup)
+    ratios = [a / b for a, b in zip(samples["every"], samples["chosen"])]  # round by round
     if statistics.median(ratios) < 1.0:  # Latency first: any measured gain, since merging all is the dense speed.
       merged = every
   return merged
